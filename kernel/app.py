@@ -1,0 +1,439 @@
+"""The App: configuration, the task registry, publishing, and access to results.
+
+An App is an explicit object (no hidden global app); workers, results and the CLI
+are all handed one. Capabilities (transport, backend, serializers) come from the
+plugin manager, found by URL scheme or name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from kombu import Connection, Exchange, Queue
+
+from kernel import protocol
+from kernel.config import Settings
+from kernel.exceptions import ConfigurationError, NotRegistered
+from kernel.plugins.manager import PluginManager, default_manager
+from kernel.result import AsyncResult
+from kernel.routing import resolve_route
+from kernel.serialization import Serialization
+from kernel.task import Task, current_request, task_name_for
+
+log = logging.getLogger(__name__)
+
+_TASK_OPTIONS = {
+    "name",
+    "bind",
+    "base",
+    "ignore_result",
+    "track_started",
+    "serializer",
+    "compression",
+    "queue",
+    "routing_key",
+    "exchange",
+    "priority",
+    "acks_late",
+    "reject_on_worker_lost",
+    "time_limit",
+    "soft_time_limit",
+    "expires",
+    "max_retries",
+    "default_retry_delay",
+    "typing",
+}
+
+
+class DisabledBackend:
+    """Stands in when ``result_backend`` is None: storing is a no-op, reading explains."""
+
+    def __init__(self, app: App, url: str | None = None) -> None:
+        self.app = app
+
+    def store_result(self, *args: Any, **kwargs: Any) -> dict:
+        return {}
+
+    mark_as_started = mark_as_done = mark_as_failure = mark_as_revoked = store_result
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConfigurationError(
+            "results are disabled (result_backend is None); configure one, e.g. "
+            "App(backend='sqlite:///kernel.sqlite3'), to read task states and results"
+        )
+
+    get_task_meta = wait_for = forget = _refuse
+
+    def cleanup(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class App:
+    """A kernel application: ``app = kernel.App("proj", broker=..., backend=...)``."""
+
+    def __init__(
+        self,
+        main: str | None = None,
+        *,
+        broker: str | None = None,
+        backend: str | None | Any = ...,
+        include: Iterable[str] | None = None,
+        config_source: Any = None,
+        plugins: PluginManager | None = None,
+        **settings: Any,
+    ) -> None:
+        self.main = main
+        self.conf = Settings()
+        self.conf.from_environ()
+        if config_source is not None:
+            self.conf.config_from_object(config_source)
+        if broker is not None:
+            self.conf.broker_url = broker
+        if backend is not ...:
+            self.conf.result_backend = backend
+        if settings:
+            self.conf.update(settings)
+        if include:
+            self.conf.imports = list(self.conf.imports) + list(include)
+        self.tasks: dict[str, Task] = {}
+        self._plugins = plugins
+        self._finalized = False
+        self._finalize_lock = threading.RLock()
+        self._backend: Any = None
+        self._serialization: Serialization | None = None
+        self._local = threading.local()
+
+    # ----------------------------------------------------------------- set-up
+
+    @property
+    def plugins(self) -> PluginManager:
+        if self._plugins is None:
+            self._plugins = default_manager()
+        return self._plugins
+
+    @property
+    def serialization(self) -> Serialization:
+        if self._serialization is None:
+            self._serialization = Serialization(self.plugins)
+        return self._serialization
+
+    def finalize(self) -> App:
+        """Register serializers, run ``kernel_configure`` hooks, import task modules."""
+        with self._finalize_lock:
+            if self._finalized:
+                return self
+            self._finalized = True
+            _ = self.serialization
+            self.plugins.hook.kernel_configure(app=self)
+            self.import_task_modules()
+        return self
+
+    def import_task_modules(self) -> None:
+        for module in self.conf.imports:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigurationError(
+                    f"cannot import task module {module!r} listed in include/imports: {exc}"
+                ) from exc
+
+    def config_from_object(self, obj: Any) -> None:
+        self.conf.config_from_object(obj)
+
+    # ----------------------------------------------------------------- tasks
+
+    def task(self, *args: Any, **options: Any) -> Any:
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True)``."""
+        unknown = set(options) - _TASK_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"unknown task option(s) {sorted(unknown)}; valid: {sorted(_TASK_OPTIONS)}"
+            )
+
+        def decorate(function: Callable[..., Any]) -> Task:
+            return self._register(function, options)
+
+        if len(args) == 1 and callable(args[0]) and not options:
+            return decorate(args[0])
+        if args:
+            raise TypeError("use @app.task or @app.task(option=value), not positional options")
+        return decorate
+
+    def _register(self, function: Callable[..., Any], options: dict) -> Task:
+        base = options.pop("base", None) or Task
+        name = options.pop("name", None) or task_name_for(self, function)
+        attributes = {
+            "name": name,
+            "app": self,
+            "run": staticmethod(function),
+            "__doc__": function.__doc__,
+            "__module__": function.__module__,
+            "__wrapped__": function,
+            **options,
+        }
+        cls = type(function.__name__, (base,), attributes)
+        task = cls()
+        self.tasks[name] = task
+        return task
+
+    def get_task(self, name: str) -> Task:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise NotRegistered(
+                f"task {name!r} is not registered with this app; check the worker was "
+                "started with the app that defines it (-A) or add its module to include=[...]"
+            ) from None
+
+    # ----------------------------------------------------------------- connections
+
+    def transport_options(self) -> dict:
+        spec = self.plugins.transport_for_url(self.conf.broker_url)
+        return {**spec.default_options, **(self.conf.broker_transport_options or {})}
+
+    def connection(self, url: str | None = None) -> Connection:
+        """A new (lazy) kombu connection to the broker, through the transport plugin."""
+        self.finalize()
+        url = url or self.conf.broker_url
+        spec = self.plugins.transport_for_url(url)
+        return Connection(
+            url,
+            transport=spec.load(),
+            transport_options={
+                **spec.default_options,
+                **(self.conf.broker_transport_options or {}),
+            },
+            connect_timeout=self.conf.broker_connection_timeout,
+        )
+
+    def broker_features(self) -> frozenset[str]:
+        return self.plugins.transport_for_url(self.conf.broker_url).features
+
+    def _producer(self) -> Any:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.connection = self.connection()
+            local.producer = local.connection.Producer()
+            local.pid = os.getpid()
+        return local.producer
+
+    def close(self) -> None:
+        """Close this thread's publishing connection and the result backend."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and self._local.pid == os.getpid():
+            connection.release()
+        self._local = threading.local()
+        if self._backend is not None:
+            self._backend.close()
+
+    # ----------------------------------------------------------------- results
+
+    @property
+    def backend(self) -> Any:
+        if self._backend is None:
+            self.finalize()
+            url = self.conf.result_backend
+            if not url:
+                self._backend = DisabledBackend(self)
+            else:
+                spec = self.plugins.backend_for_url(url)
+                self._backend = spec.load()(self, url)
+        return self._backend
+
+    def AsyncResult(self, task_id: str, task_name: str | None = None) -> AsyncResult:  # noqa: N802
+        return AsyncResult(task_id, self, task_name=task_name)
+
+    # ----------------------------------------------------------------- sending
+
+    def _as_datetime(self, value: Any, what: str) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, (int, float)):
+            return datetime.now(timezone.utc) + timedelta(seconds=value)
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                from zoneinfo import ZoneInfo
+
+                value = value.replace(tzinfo=ZoneInfo(self.conf.timezone))
+            return value.astimezone(timezone.utc)
+        raise TypeError(f"{what} must be seconds or a datetime, got {value!r}")
+
+    def send_task(
+        self,
+        name: str,
+        args: Any = None,
+        kwargs: Any = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: Any = None,
+        task_id: str | None = None,
+        headers: dict | None = None,
+        link: Any = None,
+        link_error: Any = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        ignore_result: bool | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        retries: int = 0,
+        task_routing: dict | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Send a task by name (its code need not be importable here)."""
+        self.finalize()
+        unknown = set(options) - {
+            "queue",
+            "routing_key",
+            "exchange",
+            "priority",
+            "exchange_type",
+            "reply_to",
+            "group_id",
+            "group_index",
+            "root_id",
+            "parent_id",
+            "shadow",
+            "chord",
+            "chain",
+        }
+        if unknown:
+            raise TypeError(f"send_task() got unknown option(s) {sorted(unknown)}")
+        if args is not None and not isinstance(args, (list, tuple)):
+            raise TypeError(f"args must be a list or tuple, got {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}")
+        task_id = task_id or str(uuid.uuid4())
+        if countdown is not None:
+            if eta is not None:
+                raise TypeError("give countdown or eta, not both")
+            eta_at = self._as_datetime(float(countdown), "countdown")
+        else:
+            eta_at = self._as_datetime(eta, "eta")
+        expires_at = self._as_datetime(expires, "expires")
+        parent = current_request()
+        parent_id = options.pop("parent_id", None)
+        root_id = options.pop("root_id", None)
+        if parent is not None and parent.id:
+            parent_id = parent_id or parent.id
+            root_id = root_id or parent.root_id or parent.id
+            parent.children.append([[task_id, None], None])
+        if ignore_result is None:
+            ignore_result = self.conf.task_ignore_result
+        extra_headers = dict(headers or {})
+        if eta_at is not None and "delayed_delivery" in self.broker_features():
+            extra_headers[protocol.DELIVER_AT_HEADER] = eta_at.timestamp()
+        message = protocol.build_task_message(
+            name=name,
+            task_id=task_id,
+            args=args,
+            kwargs=kwargs,
+            eta=eta_at,
+            expires=expires_at,
+            retries=retries,
+            group_id=options.pop("group_id", None),
+            group_index=options.pop("group_index", None),
+            root_id=root_id,
+            parent_id=parent_id,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            callbacks=_signatures(link),
+            errbacks=_signatures(link_error),
+            chain=options.pop("chain", None),
+            chord=options.pop("chord", None),
+            reply_to=options.pop("reply_to", None),
+            ignore_result=bool(ignore_result),
+            shadow=options.pop("shadow", None),
+            extra_headers=extra_headers,
+        )
+        route = resolve_route(self, name, args, kwargs, options, task_routing)
+        self._publish(
+            name,
+            message,
+            route,
+            serializer or self.conf.task_serializer,
+            compression or self.conf.task_compression,
+        )
+        return AsyncResult(task_id, self, task_name=name)
+
+    def _publish(
+        self,
+        name: str,
+        message: protocol.TaskMessage,
+        route: dict,
+        serializer: str,
+        compression: str | None,
+    ) -> None:
+        self.serialization.serializer_spec(serializer)  # clear error for unknown names
+        queue_name = route["queue"]
+        exchange = Exchange(route["exchange"], type=route.get("exchange_type") or "direct")
+        queue = Queue(queue_name, exchange, routing_key=route["routing_key"])
+        self.plugins.hook.kernel_before_task_publish(
+            app=self,
+            name=name,
+            body=message.body,
+            headers=message.headers,
+            properties=message.properties,
+            routing=route,
+        )
+        producer = self._producer()
+        producer.publish(
+            message.body,
+            exchange=exchange,
+            routing_key=route["routing_key"],
+            serializer=serializer,
+            compression=compression,
+            headers=message.headers,
+            priority=route.get("priority"),
+            declare=[queue],
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
+            **message.properties,
+        )
+        self.plugins.hook.kernel_after_task_publish(
+            app=self, name=name, task_id=message.id, routing=route
+        )
+
+    def queues_for(self, names: Iterable[str]) -> list[Queue]:
+        """kombu queues bound like the ones tasks are published to."""
+        default = self.conf.task_default_queue
+        queues = []
+        for name in names:
+            is_default = name == default
+            exchange_name = (self.conf.task_default_exchange if is_default else None) or name
+            routing_key = (self.conf.task_default_routing_key if is_default else None) or name
+            queues.append(
+                Queue(name, Exchange(exchange_name, type="direct"), routing_key=routing_key)
+            )
+        return queues
+
+    def purge(self, queues: Iterable[str] | None = None) -> int:
+        """Delete every waiting message in ``queues`` (default queue); returns how many."""
+        names = list(queues or [self.conf.task_default_queue])
+        total = 0
+        with self.connection() as connection:
+            channel = connection.default_channel
+            for queue in self.queues_for(names):
+                queue.bind(channel).declare()
+                total += queue.bind(channel).purge() or 0
+        return total
+
+    def __repr__(self) -> str:
+        return f"<App {self.main or '__main__'}: {len(self.tasks)} tasks>"
+
+
+def _signatures(value: Any) -> list | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [dict(item) for item in items]

@@ -1,0 +1,1 @@
+"""Result backends: the base class plugins implement, and the builtin ones."""

@@ -1,0 +1,92 @@
+"""``kernel worker``: start a worker."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from kernel.cli.main import load_app, plugin_options
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise click.BadParameter(
+            f"unknown log level {level!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL",
+            param_hint="-l/--loglevel",
+        )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    logging.basicConfig(level=numeric, format=LOG_FORMAT)
+
+
+@click.command()
+@click.option(
+    "-l",
+    "--loglevel",
+    default="WARNING",
+    show_default=True,
+    help="Logging level: DEBUG, INFO, WARNING, ERROR, CRITICAL.",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Pool processes/threads (default: CPU count for prefork).",
+)
+@click.option("-P", "--pool", help="Pool: solo, threads, prefork, or one from a plugin.")
+@click.option("-Q", "--queues", help="Comma-separated queues to consume from.")
+@click.option("-n", "--hostname", help="Node name, e.g. w1@%h (%h host, %n short host).")
+@click.option(
+    "--prefetch-multiplier",
+    type=click.IntRange(min=0),
+    help="Messages reserved per pool slot (0: no limit).",
+)
+@click.option(
+    "--visibility-timeout",
+    type=click.FloatRange(min=0.5),
+    help="Seconds a dead worker's messages stay leased (SQLite transport).",
+)
+@plugin_options
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    loglevel: str,
+    concurrency: int | None,
+    pool: str | None,
+    queues: str | None,
+    hostname: str | None,
+    prefetch_multiplier: int | None,
+    visibility_timeout: float | None,
+) -> None:
+    """Start a worker that consumes tasks and runs them."""
+    from kernel.exceptions import KernelError
+    from kernel.worker.worker import Worker
+
+    setup_logging(loglevel)
+    app = load_app(ctx)
+    if visibility_timeout is not None:
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "visibility_timeout": visibility_timeout,
+        }
+    try:
+        instance = Worker(
+            app,
+            hostname=hostname,
+            pool=pool,
+            concurrency=concurrency,
+            queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+            prefetch_multiplier=prefetch_multiplier,
+        )
+    except (KernelError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(instance.banner())
+    instance.start()
+
+
+COMMANDS = [worker]

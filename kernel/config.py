@@ -1,0 +1,260 @@
+"""Settings: one attrs class, Celery's names where the meaning matches.
+
+Each field's ``doc`` metadata is the configuration reference (``docs/configuration.md``
+is generated from it by ``python -m kernel.config``). Values come, later winning, from
+the defaults, ``KERNEL_<NAME>`` environment variables, ``App(...)`` arguments,
+``app.conf.update()`` and ``app.conf.config_from_object()``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import logging
+import os
+import warnings
+from typing import Any
+
+import attrs
+
+from kernel.exceptions import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATABASE = "kernel.sqlite3"
+
+
+def setting(default: Any, doc: str, *, factory: Any = None) -> Any:
+    if factory is not None:
+        return attrs.field(factory=factory, metadata={"doc": doc})
+    return attrs.field(default=default, metadata={"doc": doc})
+
+
+@attrs.define(slots=False)
+class Settings:
+    """Every setting an app understands. Change them with ``app.conf.update(...)``."""
+
+    # ----------------------------------------------------------- broker and results
+    broker_url: str = setting(
+        f"sqlite:///{DEFAULT_DATABASE}",
+        "Where task messages go. The embedded default is a SQLite file in the current "
+        "directory; `sqlite:////abs/path.db` for an absolute path, `memory://` for one "
+        "process. Other schemes come from plugins (`redis://`, `amqp://`).",
+    )
+    broker_transport_options: dict = setting(
+        None,
+        "Options passed to the transport, e.g. `{'visibility_timeout': 30}` for the "
+        "SQLite transport's lease length in seconds.",
+        factory=dict,
+    )
+    broker_connection_timeout: float = setting(
+        4.0, "Seconds to wait when connecting to the broker."
+    )
+    result_backend: str | None = setting(
+        f"sqlite:///{DEFAULT_DATABASE}",
+        "Where results are stored; the same SQLite file as the broker by default. "
+        "`cache+memory://` keeps results in this process only; None disables results.",
+    )
+    result_expires: float | None = setting(
+        86400.0,
+        "Seconds after which stored results may be deleted (default one day); None keeps them.",
+    )
+    result_serializer: str = setting("json", "Serializer for stored results.")
+    result_accept_content: list | None = setting(
+        None, "Content types accepted when reading results; None means `accept_content`."
+    )
+
+    # ----------------------------------------------------------- messages
+    task_serializer: str = setting("json", "Serializer for task messages.")
+    accept_content: list = setting(
+        None,
+        "Content types (or serializer names) a worker accepts. JSON only by default; "
+        "add 'pickle' only if every producer is trusted.",
+        factory=lambda: ["json"],
+    )
+    task_compression: str | None = setting(None, "Compression for task messages (e.g. 'zlib').")
+    task_protocol: int = setting(2, "Message protocol version; only Celery's v2 is supported.")
+
+    # ----------------------------------------------------------- routing
+    task_default_queue: str = setting("celery", "Queue for tasks without a route (Celery's name).")
+    task_default_exchange: str | None = setting(
+        None, "Exchange for tasks without a route; None means the queue's name."
+    )
+    task_default_exchange_type: str = setting("direct", "Type of the default exchange.")
+    task_default_routing_key: str | None = setting(
+        None, "Routing key for tasks without a route; None means the queue's name."
+    )
+    task_default_priority: int | None = setting(None, "Priority for tasks that set none.")
+    task_queues: list | None = setting(
+        None, "Queue names the worker consumes from when `-Q` is not given."
+    )
+    task_routes: Any = setting(
+        None,
+        "Routes: a dict mapping a task name or glob (`'proj.tasks.*'`) or compiled regex "
+        "to options like `{'queue': 'video'}`, a router function `(name, args, kwargs, "
+        "options) -> dict | None`, or a list of these, tried in order.",
+    )
+
+    # ----------------------------------------------------------- execution
+    task_always_eager: bool = setting(
+        False, "Run tasks in the calling process instead of sending them (for tests)."
+    )
+    task_eager_propagates: bool = setting(
+        True, "In eager mode, `.get()` raises the task's exception."
+    )
+    task_acks_late: bool = setting(
+        True,
+        "Acknowledge a message after its task finished (at-least-once). Unlike Celery, "
+        "this is the default; set False (or `acks_late=False` on a task) to ack before running.",
+    )
+    task_reject_on_worker_lost: bool = setting(
+        True,
+        "When the process running a task dies, return the message to the queue (bounded by "
+        "`task_max_deliveries`). False marks the task FAILURE at once.",
+    )
+    task_max_deliveries: int = setting(
+        3,
+        "How many times a message may be delivered to workers that die running it; after "
+        "that it is dead-lettered and its task marked FAILURE with WorkerLostError.",
+    )
+    task_dead_letter_queue: str = setting(
+        "kernel.dead_letter", "Queue receiving messages that exceeded `task_max_deliveries`."
+    )
+    task_track_started: bool = setting(
+        False, "Record the STARTED state when a worker begins a task."
+    )
+    task_ignore_result: bool = setting(False, "Store no results unless a task asks for them.")
+    task_store_errors_even_if_ignored: bool = setting(
+        False, "Store failures of tasks that ignore their results."
+    )
+    task_time_limit: float | None = setting(None, "Hard time limit in seconds (issue 3).")
+    task_soft_time_limit: float | None = setting(None, "Soft time limit in seconds (issue 3).")
+    timezone: str = setting("UTC", "Time zone for naive datetimes given as `eta`.")
+    enable_utc: bool = setting(True, "Send times in UTC.")
+
+    # ----------------------------------------------------------- worker
+    worker_concurrency: int | None = setting(
+        None, "Number of pool processes or threads; None means the CPU count."
+    )
+    worker_pool: str = setting("prefork", "Pool: solo, threads, prefork, or a plugin's.")
+    worker_prefetch_multiplier: int = setting(
+        4, "Messages reserved per pool slot (0 means unlimited)."
+    )
+    worker_shutdown_timeout: float = setting(
+        60.0,
+        "Seconds a warm shutdown waits for running tasks before it turns cold; their "
+        "messages are then returned to the queue, never lost.",
+    )
+    worker_hijack_root_logger: bool = setting(
+        True, "Let `kernel worker` configure the root logger."
+    )
+    imports: list = setting(
+        None,
+        "Modules the worker imports to register tasks (`include=` adds to it).",
+        factory=list,
+    )
+
+    # ------------------------------------------------------------------ behaviour
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in attrs.fields(cls)]
+
+    def update(self, mapping: Any = None, /, **options: Any) -> None:
+        """Set several settings; unknown names warn with the closest valid one."""
+        values = dict(mapping or {}, **options)
+        known = set(self.names())
+        for key, value in values.items():
+            name = key.lower()
+            if name not in known:
+                warn_unknown(key)
+                continue
+            setattr(self, name, value)
+
+    def config_from_object(self, obj: Any) -> None:
+        """Read settings from a module, a dotted module path, or an object.
+
+        Only lowercase public attributes are read; uppercase ones are treated as
+        Celery's old ``CELERY_*`` style and rejected with a hint.
+        """
+        if isinstance(obj, str):
+            try:
+                obj = importlib.import_module(obj)
+            except ImportError as exc:
+                raise ConfigurationError(
+                    f"cannot import configuration module {obj!r}: {exc}; "
+                    "give a module importable from the current directory"
+                ) from exc
+        if isinstance(obj, dict):
+            source = dict(obj)
+        else:
+            source = {name: getattr(obj, name) for name in dir(obj) if not name.startswith("_")}
+        known = set(self.names())
+        values = {}
+        for name, value in source.items():
+            if name.isupper():
+                log.warning(
+                    "setting %s ignored: kernel uses lowercase names (try %r)",
+                    name,
+                    name.lower().removeprefix("celery_"),
+                )
+            elif name in known or not (
+                callable(value) or isinstance(value, type(os))
+            ):  # functions, classes and modules imported by a config module are not settings
+                values[name] = value
+        self.update(values)
+
+    def from_environ(self, environ: dict[str, str] | None = None) -> None:
+        """Read ``KERNEL_<SETTING>`` variables (JSON values, else plain strings)."""
+        env = environ if environ is not None else os.environ
+        for field in attrs.fields(type(self)):
+            raw = env.get(f"KERNEL_{field.name.upper()}")
+            if raw is None:
+                continue
+            setattr(self, field.name, _parse_env_value(raw, field.default))
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+
+def _parse_env_value(raw: str, default: Any) -> Any:
+    if isinstance(default, str) or default is None and raw[:1] not in "[{0123456789-tfn":
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def warn_unknown(name: str) -> None:
+    close = difflib.get_close_matches(name.lower(), Settings.names(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see docs/configuration.md"
+    warnings.warn(f"unknown setting {name!r} ignored{hint}", UserWarning, stacklevel=3)
+
+
+def reference_markdown() -> str:
+    """The configuration reference, generated from the field docs."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `kernel/config.py` by `python -m kernel.config`. Set values with",
+        "`app.conf.update(name=value)`, `app.conf.config_from_object('module')`, or",
+        "environment variables `KERNEL_<NAME>` (JSON values are parsed: "
+        "`KERNEL_WORKER_CONCURRENCY=4`).",
+        "",
+        "| Setting | Default | Meaning |",
+        "| --- | --- | --- |",
+    ]
+    defaults = Settings()
+    for field in attrs.fields(Settings):
+        default = getattr(defaults, field.name)
+        lines.append(f"| `{field.name}` | `{default!r}` | {field.metadata['doc']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - documentation generator
+    print(reference_markdown(), end="")

@@ -1,0 +1,100 @@
+"""Exceptions users and plugin authors see.
+
+Every message says what failed, with the offending value, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class KernelError(Exception):
+    """Base class of every error the kernel raises on purpose."""
+
+
+class ConfigurationError(KernelError):
+    """A setting has a value the kernel cannot use."""
+
+
+class PluginError(KernelError):
+    """A plugin could not be loaded or registered."""
+
+
+class PluginConflict(PluginError):
+    """Two plugins claim the same name or URL scheme."""
+
+
+class UnknownCapability(KernelError):
+    """No loaded plugin provides what the configuration asks for."""
+
+
+class UnknownTransport(UnknownCapability):
+    """No transport serves the broker URL's scheme."""
+
+
+class UnknownBackend(UnknownCapability):
+    """No result backend serves the backend URL's scheme."""
+
+
+class UnknownPool(UnknownCapability):
+    """No pool has the requested name."""
+
+
+class NotRegistered(KernelError, KeyError):
+    """A task name is not registered with the app."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "task not registered"
+
+
+class ProtocolError(KernelError):
+    """A message does not follow Celery's message protocol v2."""
+
+
+class ContentDisallowed(KernelError):
+    """A message's content type is not in ``accept_content``."""
+
+
+class TimeoutError(KernelError):  # noqa: A001 - Celery's name, users catch it
+    """A result did not become ready within the given timeout."""
+
+
+class WorkerLostError(KernelError):
+    """The process running a task died before the task finished."""
+
+
+class TaskRevokedError(KernelError):
+    """The task was revoked and did not run to completion."""
+
+
+class IncompleteStream(KernelError):
+    """A result was waited on from inside a task (``disable_sync_subtasks``)."""
+
+
+class RemoteException(KernelError):
+    """Stand-in for a task's exception whose class cannot be imported here.
+
+    ``exc_type`` and ``exc_module`` name the original class; ``str()`` gives
+    its message.
+    """
+
+    def __init__(self, exc_type: str, exc_module: str | None, message: str) -> None:
+        super().__init__(message)
+        self.exc_type = exc_type
+        self.exc_module = exc_module
+        self.message = message
+
+    def __str__(self) -> str:
+        origin = f"{self.exc_module}.{self.exc_type}" if self.exc_module else self.exc_type
+        return f"{origin}: {self.message}"
+
+
+class Reject(KernelError):
+    """Raised by a task to reject its message (``requeue=True`` puts it back)."""
+
+    def __init__(self, reason: object = None, requeue: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.requeue = requeue
+
+
+class Ignore(KernelError):
+    """Raised by a task so the worker records no state for it."""

@@ -1,0 +1,1 @@
+"""Builtin capabilities, registered through the same hooks as external plugins."""

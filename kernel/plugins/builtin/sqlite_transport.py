@@ -1,0 +1,608 @@
+"""SQLite transport: an embedded broker in one file, shared by the processes of one machine.
+
+Features
+========
+* Type: Virtual
+* Supports Direct: Yes
+* Supports Topic: Yes
+* Supports Fanout: Yes (bindings live in the database, so every process sees them)
+* Supports Priority: Yes (a higher number is delivered first, as in RabbitMQ)
+* Supports TTL: No
+* Delayed delivery: Yes (header ``x-deliver-at``: epoch seconds; the message stays
+  invisible until then)
+* Delivery count: Yes (header ``x-delivery-count``: deliveries before this one, as in
+  RabbitMQ quorum queues)
+* Cross-process: Yes, on one machine (WAL mode; never on a network file system)
+* Leases: a delivered message is leased to its channel for ``visibility_timeout``
+  seconds and the lease is renewed while the channel lives, so a long task is never
+  handed out twice; a killed process stops renewing and its messages come back after
+  ``visibility_timeout``.
+
+Connection string
+=================
+SQLAlchemy's convention::
+
+    sqlite://                       ./kernel.sqlite3
+    sqlite:///relative/path.db      relative to the current directory
+    sqlite:////absolute/path.db     absolute
+
+Transport options
+=================
+* ``path``: the database file; overrides the URL.
+* ``visibility_timeout``: seconds a delivered, unacknowledged message stays leased
+  without renewal before another consumer may receive it (default 30).
+* ``polling_interval``: seconds between polls of empty queues (default 0.05).
+* ``busy_timeout``: seconds a statement waits for another process's write lock
+  (default 30).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from queue import Empty
+from typing import Any
+
+from kombu.transport import virtual
+from kombu.utils.json import dumps, loads
+
+from kernel.exceptions import ConfigurationError
+from kernel.plugins.builtin.sqlite_db import (  # noqa: F401 - database_path is re-exported
+    DEFAULT_BUSY_TIMEOUT,
+    Database,
+    database_path,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VISIBILITY_TIMEOUT = 30.0
+DEFAULT_POLLING_INTERVAL = 0.05
+
+#: Version of the tables below, recorded in ``kernel_schema``.
+SCHEMA_VERSION = 1
+
+#: Claims one poll tries before leaving a hotly contested queue to the next poll.
+CLAIM_ATTEMPTS = 20
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kernel_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    deliver_at REAL NOT NULL,
+    payload TEXT NOT NULL,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until REAL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS kernel_messages_claim
+    ON kernel_messages (queue, priority DESC, id);
+CREATE INDEX IF NOT EXISTS kernel_messages_lease_owner
+    ON kernel_messages (lease_owner) WHERE lease_owner IS NOT NULL;
+CREATE TABLE IF NOT EXISTS kernel_queues (
+    name TEXT PRIMARY KEY,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kernel_exchanges (
+    name TEXT PRIMARY KEY,
+    type TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kernel_bindings (
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    UNIQUE (exchange, routing_key, queue)
+);
+CREATE INDEX IF NOT EXISTS kernel_bindings_queue ON kernel_bindings (queue);
+CREATE TABLE IF NOT EXISTS kernel_dead_messages (
+    id INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    payload,
+    reason TEXT NOT NULL,
+    dead_at REAL NOT NULL
+);
+"""
+
+_READY = "queue = ? AND (lease_until IS NULL OR lease_until < ?)"
+
+
+def _parse_tag(delivery_tag: str) -> tuple[int, int]:
+    row_id, delivery = str(delivery_tag).split(":")
+    return int(row_id), int(delivery)
+
+
+def _priority(message: dict[str, Any]) -> int:
+    try:
+        return int((message.get("properties") or {}).get("priority") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _deliver_at(message: dict[str, Any], destination: str, now: float) -> float:
+    value = (message.get("headers") or {}).get("x-deliver-at")
+    if value is None:
+        return now
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        logger.warning(
+            "sqlite transport: header x-deliver-at=%r on a message for %s is not "
+            "epoch seconds; delivering it now",
+            value,
+            destination,
+        )
+        return now
+
+
+def _decode(payload: Any) -> dict[str, Any]:
+    message = loads(payload)
+    if not isinstance(message, dict) or not isinstance(message.get("properties"), dict):
+        raise ValueError("not a kombu message: no 'properties' mapping")
+    return message
+
+
+def _renew_leases(
+    database: Database, owner: str, visibility_timeout: float, stop: threading.Event
+) -> None:
+    interval = visibility_timeout / 3
+    try:
+        while not stop.wait(interval):
+            try:
+                database.connection().execute(
+                    "UPDATE kernel_messages SET lease_until = ? WHERE lease_owner = ?",
+                    (time.time() + visibility_timeout, owner),
+                )
+            except sqlite3.Error as exc:
+                logger.warning(
+                    "sqlite transport: could not renew the leases of channel %s (%s); "
+                    "retrying in %.1f s",
+                    owner,
+                    exc,
+                    interval,
+                )
+    finally:
+        database.close_thread()
+
+
+class QoS(virtual.QoS):
+    """Acks, rejects and restores act on the leased rows; kombu's bookkeeping stays."""
+
+    def ack(self, delivery_tag: str) -> None:
+        self.channel._settle(delivery_tag, "ack")
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            # The delivery counted as an attempt: delivery_count stays.
+            self.channel._release(delivery_tag, attempted=True)
+        else:
+            self.channel._settle(delivery_tag, "reject")
+        super().reject(delivery_tag, requeue=False)
+
+    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
+        """Hand back prefetched messages; an unstarted message is not an attempt."""
+        self._flush()
+        delivered = self._delivered
+        errors = []
+        while delivered:
+            try:
+                delivery_tag, message = delivered.popitem()
+            except KeyError:  # emptied by another thread meanwhile
+                break
+            try:
+                self.channel._release(delivery_tag, attempted=False)
+            except Exception as exc:
+                if delivery_tag not in self._dirty:
+                    errors.append((exc, message))
+        delivered.clear()
+        return errors
+
+
+class Channel(virtual.Channel):
+    """A kombu virtual channel whose queues are rows of ``kernel_messages``."""
+
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self.database: Database = connection.database
+        self.visibility_timeout: float = connection.visibility_timeout
+        #: Lease owner id of the rows this channel has claimed.
+        self.owner = uuid.uuid4().hex
+        self._no_ack_queues: set[str] = set()
+        self._renewer: tuple[int, threading.Thread, threading.Event] | None = None
+
+    def _execute(self, sql: str, parameters: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self.database.connection().execute(sql, parameters)
+
+    def _exchange_type(self, exchange: str) -> str | None:
+        row = self._execute("SELECT type FROM kernel_exchanges WHERE name = ?", (exchange,))
+        found = row.fetchone()
+        return found[0] if found else None
+
+    # -- messages -------------------------------------------------------------------
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        now = time.time()
+        self._execute(
+            "INSERT INTO kernel_messages (queue, priority, deliver_at, payload, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                queue,
+                _priority(message),
+                _deliver_at(message, f"queue {queue!r}", now),
+                dumps(message),
+                now,
+            ),
+        )
+
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
+    ) -> None:
+        now = time.time()
+        payload = dumps(message)
+        priority = _priority(message)
+        deliver_at = _deliver_at(message, f"bound to exchange {exchange!r}", now)
+        with self.database.transaction() as connection:
+            queues = [
+                row[0]
+                for row in connection.execute(
+                    "SELECT DISTINCT queue FROM kernel_bindings WHERE exchange = ?", (exchange,)
+                )
+            ]
+            connection.executemany(
+                "INSERT INTO kernel_messages (queue, priority, deliver_at, payload, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(queue, priority, deliver_at, payload, now) for queue in queues],
+            )
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        return self._claim(queue, remove=queue in self._no_ack_queues)
+
+    def _claim(self, queue: str, remove: bool) -> dict[str, Any]:
+        """Take the best ready message: leased to this channel, or deleted if ``remove``.
+
+        A plain SELECT finds a candidate without taking the write lock (empty polls
+        stay cheap); the conditional UPDATE/DELETE then wins it unless another
+        consumer was faster, in which case the next candidate is tried.
+        """
+        connection = self.database.connection()
+        for _ in range(CLAIM_ATTEMPTS):
+            now = time.time()
+            row = connection.execute(
+                f"SELECT id, payload, delivery_count FROM kernel_messages "
+                f"WHERE {_READY} AND deliver_at <= ? ORDER BY priority DESC, id LIMIT 1",
+                (queue, now, now),
+            ).fetchone()
+            if row is None:
+                raise Empty()
+            row_id, payload, previous = row
+            if remove:
+                cursor = connection.execute(
+                    "DELETE FROM kernel_messages WHERE id = ? AND delivery_count = ? "
+                    "AND (lease_until IS NULL OR lease_until < ?)",
+                    (row_id, previous, now),
+                )
+            else:
+                cursor = connection.execute(
+                    "UPDATE kernel_messages SET lease_owner = ?, lease_until = ?, "
+                    "delivery_count = delivery_count + 1 WHERE id = ? AND delivery_count = ? "
+                    "AND (lease_until IS NULL OR lease_until < ?)",
+                    (self.owner, now + self.visibility_timeout, row_id, previous, now),
+                )
+            if cursor.rowcount != 1:
+                continue  # another consumer won this one
+            try:
+                message = _decode(payload)
+            except ValueError as exc:
+                self._bury(row_id, queue, payload, str(exc))
+                continue
+            if not remove:
+                self._ensure_renewer()
+            return self._stamp(message, row_id, previous)
+        raise Empty()
+
+    @staticmethod
+    def _stamp(message: dict[str, Any], row_id: int, previous: int) -> dict[str, Any]:
+        properties = message["properties"]
+        properties["delivery_tag"] = f"{row_id}:{previous + 1}"
+        delivery_info = properties.get("delivery_info")
+        if not isinstance(delivery_info, dict):
+            delivery_info = properties["delivery_info"] = {}
+        delivery_info["redelivered"] = previous > 0
+        headers = message.get("headers")
+        if not isinstance(headers, dict):
+            headers = message["headers"] = {}
+        headers["x-delivery-count"] = previous
+        message["redelivered"] = previous > 0
+        return message
+
+    def _bury(self, row_id: int, queue: str, payload: Any, reason: str) -> None:
+        logger.warning(
+            "sqlite transport: message row %s in queue %r cannot be decoded (%s); "
+            "moved to kernel_dead_messages",
+            row_id,
+            queue,
+            reason,
+        )
+        with self.database.transaction() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO kernel_dead_messages (id, queue, payload, reason, dead_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (row_id, queue, payload, reason, time.time()),
+            )
+            connection.execute("DELETE FROM kernel_messages WHERE id = ?", (row_id,))
+
+    def _settle(self, delivery_tag: str, verb: str) -> None:
+        """Delete an acked (or dead-rejected) row, if this delivery still holds it."""
+        row_id, delivery = _parse_tag(delivery_tag)
+        cursor = self._execute(
+            "DELETE FROM kernel_messages WHERE id = ? AND lease_owner = ? AND delivery_count = ?",
+            (row_id, self.owner, delivery),
+        )
+        if cursor.rowcount != 1:
+            self._warn_lease_lost(row_id, verb)
+
+    def _release(self, delivery_tag: str, attempted: bool) -> None:
+        """Make a held row ready again; ``attempted=False`` takes back its delivery count."""
+        row_id, delivery = _parse_tag(delivery_tag)
+        cursor = self._execute(
+            "UPDATE kernel_messages SET lease_owner = NULL, lease_until = NULL, "
+            "delivery_count = delivery_count - ? "
+            "WHERE id = ? AND lease_owner = ? AND delivery_count = ?",
+            (0 if attempted else 1, row_id, self.owner, delivery),
+        )
+        if cursor.rowcount != 1:
+            if attempted:
+                self._warn_lease_lost(row_id, "requeue")
+            else:
+                logger.debug("sqlite transport: row %s was no longer held at restore", row_id)
+
+    def _warn_lease_lost(self, row_id: int, verb: str) -> None:
+        logger.warning(
+            "sqlite transport: %s of message row %s ignored: this channel no longer holds "
+            "its lease (it expired and the message went to another consumer, or the queue "
+            "was deleted); raise visibility_timeout (now %.1f s) if workers stall that long",
+            verb,
+            row_id,
+            self.visibility_timeout,
+        )
+
+    # -- leases ---------------------------------------------------------------------
+
+    def _ensure_renewer(self) -> None:
+        pid = os.getpid()
+        if self._renewer is not None and self._renewer[0] == pid:
+            return
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=_renew_leases,
+            args=(self.database, self.owner, self.visibility_timeout, stop),
+            name=f"kernel-sqlite-leases-{self.owner[:8]}",
+            daemon=True,
+        )
+        self._renewer = (pid, thread, stop)
+        thread.start()
+
+    def _stop_renewer(self) -> None:
+        renewer, self._renewer = self._renewer, None
+        if renewer is None or renewer[0] != os.getpid():
+            return
+        _, thread, stop = renewer
+        stop.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def close(self) -> None:
+        try:
+            super().close()  # restores unacked messages while leases still hold
+        finally:
+            self._stop_renewer()
+
+    # -- consuming ------------------------------------------------------------------
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        if not no_ack:
+            return super().basic_get(queue, no_ack=False, **kwargs)
+        try:
+            return self.Message(self._claim(queue, remove=True), channel=self)
+        except Empty:
+            return None
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> None:
+        super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue not in self._active_queues:
+            self._no_ack_queues.discard(queue)
+
+    # -- queues ---------------------------------------------------------------------
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        self._execute(
+            "INSERT OR IGNORE INTO kernel_queues (name, created_at) VALUES (?, ?)",
+            (queue, time.time()),
+        )
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        sql = (
+            "SELECT EXISTS (SELECT 1 FROM kernel_queues WHERE name = ?) "
+            "OR EXISTS (SELECT 1 FROM kernel_messages WHERE queue = ?)"
+        )
+        return bool(self._execute(sql, (queue, queue)).fetchone()[0])
+
+    def _size(self, queue: str) -> int:
+        """Messages not held by a consumer, delayed ones included."""
+        sql = f"SELECT COUNT(*) FROM kernel_messages WHERE {_READY}"
+        return self._execute(sql, (queue, time.time())).fetchone()[0]
+
+    def _purge(self, queue: str) -> int:
+        """Delete the messages no consumer holds (delayed ones too); return how many."""
+        sql = f"DELETE FROM kernel_messages WHERE {_READY}"
+        return self._execute(sql, (queue, time.time())).rowcount
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        with self.database.transaction() as connection:
+            connection.execute("DELETE FROM kernel_messages WHERE queue = ?", (queue,))
+            connection.execute("DELETE FROM kernel_bindings WHERE queue = ?", (queue,))
+            connection.execute("DELETE FROM kernel_queues WHERE name = ?", (queue,))
+
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
+        # kombu's version only deletes when this process declared a binding for the queue.
+        if if_empty and self._size(queue):
+            return
+        self.state.queue_bindings_delete(queue)
+        self._delete(queue)
+
+    # -- exchanges and bindings, shared through the database --------------------------
+
+    def exchange_declare(
+        self,
+        exchange: str | None = None,
+        type: str = "direct",
+        durable: bool = False,
+        auto_delete: bool = False,
+        arguments: Any = None,
+        nowait: bool = False,
+        passive: bool = False,
+    ) -> None:
+        type = type or "direct"
+        exchange = exchange or f"amq.{type}"
+        if passive and exchange not in self.state.exchanges:
+            known_type = self._exchange_type(exchange)
+            if known_type is not None:  # declared by another process: learn it here
+                super().exchange_declare(exchange, known_type)
+                return
+        super().exchange_declare(
+            exchange, type, durable, auto_delete, arguments, nowait=nowait, passive=passive
+        )
+        if not passive:
+            self._execute(
+                "INSERT OR REPLACE INTO kernel_exchanges (name, type) VALUES (?, ?)",
+                (exchange, type),
+            )
+
+    def exchange_delete(self, exchange: str, *args: Any, **kwargs: Any) -> None:
+        super().exchange_delete(exchange, *args, **kwargs)
+        with self.database.transaction() as connection:
+            connection.execute("DELETE FROM kernel_bindings WHERE exchange = ?", (exchange,))
+            connection.execute("DELETE FROM kernel_exchanges WHERE name = ?", (exchange,))
+
+    def typeof(self, exchange: str, default: str = "direct") -> Any:
+        if not exchange or exchange in self.state.exchanges:
+            return super().typeof(exchange, default)
+        return self.exchange_types[self._exchange_type(exchange) or default]
+
+    def queue_bind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        exchange = exchange or "amq.direct"
+        known = self.state.has_binding(queue, exchange, routing_key)
+        super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
+        if known:  # kombu skips it, but another process may have deleted it since
+            meta = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
+            self._queue_bind(exchange, *meta)
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: Any, queue: str) -> None:
+        self._execute(
+            "INSERT OR IGNORE INTO kernel_bindings (exchange, routing_key, pattern, queue) "
+            "VALUES (?, ?, ?, ?)",
+            (exchange, routing_key or "", pattern or "", queue),
+        )
+
+    def queue_unbind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
+        self._execute(
+            "DELETE FROM kernel_bindings WHERE exchange = ? AND routing_key = ? AND queue = ?",
+            (exchange or "amq.direct", routing_key or "", queue),
+        )
+
+    def get_table(self, exchange: str) -> list[tuple[str, str | None, str]]:
+        rows = self._execute(
+            "SELECT routing_key, pattern, queue FROM kernel_bindings WHERE exchange = ?",
+            (exchange,),
+        )
+        return [(routing_key, pattern or None, queue) for routing_key, pattern, queue in rows]
+
+
+class Transport(virtual.Transport):
+    """kombu transport for ``sqlite://`` URLs; see the module docstring."""
+
+    Channel = Channel
+
+    polling_interval = DEFAULT_POLLING_INTERVAL
+    default_port = None
+    driver_type = "sqlite"
+    driver_name = "sqlite"
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=False,
+        exchange_type=frozenset({"direct", "topic", "fanout"}),
+    )
+    connection_errors = virtual.Transport.connection_errors + (sqlite3.OperationalError,)
+    channel_errors = virtual.Transport.channel_errors + (sqlite3.DatabaseError,)
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        options = client.transport_options or {}
+        if options.get("path"):
+            self.path = os.path.abspath(options["path"])
+        else:
+            self.path = database_path(client.virtual_host, client.hostname)
+        self.visibility_timeout = float(
+            options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)
+        )
+        if self.visibility_timeout <= 0:
+            raise ConfigurationError(
+                f"sqlite transport option visibility_timeout={self.visibility_timeout!r} "
+                "must be a positive number of seconds (default 30)"
+            )
+        busy_timeout = float(options.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
+        self.database = Database(self.path, "transport", SCHEMA_VERSION, SCHEMA, busy_timeout)
+
+    def establish_connection(self) -> Transport:
+        self.database.connection()  # fail at connect time if the file cannot be opened
+        return super().establish_connection()
+
+    def close_connection(self, connection: Any) -> None:
+        try:
+            super().close_connection(connection)
+        finally:
+            self.database.close()
+
+    def driver_version(self) -> str:
+        return sqlite3.sqlite_version
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        return {"port": None, "hostname": None}

@@ -1,0 +1,112 @@
+"""Routing: which queue a task message goes to.
+
+Precedence, as in Celery: options given to ``apply_async``, then the task's own
+``queue``/``routing_key`` attributes, then a plugin's ``kernel_route_task`` hook,
+then ``task_routes``, then the default queue.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kernel.exceptions import ConfigurationError
+
+ROUTING_KEYS = ("queue", "exchange", "routing_key", "priority", "exchange_type")
+
+
+def _match_mapping(routes: Mapping, name: str) -> dict | None:
+    if name in routes:
+        return _as_options(routes[name])
+    for pattern, route in routes.items():
+        if isinstance(pattern, re.Pattern):
+            if pattern.match(name):
+                return _as_options(route)
+        elif (
+            isinstance(pattern, str)
+            and any(c in pattern for c in "*?[")
+            and fnmatch.fnmatchcase(name, pattern)
+        ):
+            return _as_options(route)
+    return None
+
+
+def _as_options(route: Any) -> dict:
+    if isinstance(route, str):
+        return {"queue": route}
+    if isinstance(route, Mapping):
+        return dict(route)
+    raise ConfigurationError(
+        f"task_routes entry {route!r} must be a queue name or a dict like {{'queue': 'q'}}"
+    )
+
+
+def route_from_setting(
+    routes: Any, name: str, args: Any, kwargs: Any, options: dict
+) -> dict | None:
+    """Apply ``task_routes`` (mapping, function, or list of those) to one task."""
+    if not routes:
+        return None
+    for router in routes if isinstance(routes, (list, tuple)) else [routes]:
+        if isinstance(router, Mapping):
+            found = _match_mapping(router, name)
+        elif isinstance(router, str):
+            from kernel.plugins.specs import resolve
+
+            found = _call_router(resolve(router.replace(":", ".", 0)), name, args, kwargs, options)
+        elif callable(router):
+            found = _call_router(router, name, args, kwargs, options)
+        else:
+            raise ConfigurationError(
+                f"task_routes item {router!r} is neither a dict nor a function"
+            )
+        if found:
+            return _as_options(found)
+    return None
+
+
+def _call_router(
+    router: Callable[..., Any], name: str, args: Any, kwargs: Any, options: dict
+) -> Any:
+    try:
+        return router(name, args, kwargs, options)
+    except TypeError:  # Celery routers may take (name, args, kwargs, options, task=None)
+        return router(name, args, kwargs, options, task=None)
+
+
+def resolve_route(
+    app: Any, name: str, args: Any, kwargs: Any, options: dict, task_routing: Mapping | None = None
+) -> dict:
+    """Return ``{"queue", "exchange", "routing_key", "priority"}`` for one message."""
+    route: dict[str, Any] = {}
+    explicit = {k: options[k] for k in ROUTING_KEYS if options.get(k) is not None}
+    if not explicit.get("queue"):
+        chosen = dict(task_routing or {})
+        if not chosen.get("queue"):
+            chosen = (
+                app.plugins.hook.kernel_route_task(
+                    app=app, name=name, args=args, kwargs=kwargs, options=options
+                )
+                or route_from_setting(app.conf.task_routes, name, args, kwargs, options)
+                or {}
+            )
+            chosen = _as_options(chosen) if chosen else {}
+        route.update(chosen)
+    route.update(explicit)
+    conf = app.conf
+    queue = route.get("queue") or conf.task_default_queue
+    route["queue"] = queue
+    is_default = queue == conf.task_default_queue
+    route.setdefault("exchange", (conf.task_default_exchange if is_default else None) or queue)
+    route.setdefault(
+        "routing_key", (conf.task_default_routing_key if is_default else None) or queue
+    )
+    if route.get("exchange") in (None, ""):
+        route["exchange"] = queue
+    if route.get("routing_key") in (None, ""):
+        route["routing_key"] = queue
+    if route.get("priority") is None:
+        route["priority"] = conf.task_default_priority
+    return route

@@ -1,0 +1,230 @@
+"""Tasks: the decorated function, how it is called, and the request it runs in.
+
+``@app.task`` turns a function into a :class:`Task`. Calling the task runs it here;
+``delay``/``apply_async`` send it to a worker; ``task.request`` is the context of
+the current execution (Celery's ``self.request`` in bound tasks).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from kernel.app import App
+    from kernel.result import AsyncResult
+
+#: The task executing right now in this thread or coroutine, and its context.
+_current: contextvars.ContextVar[tuple[Task, Context] | None] = contextvars.ContextVar(
+    "kernel_current_task", default=None
+)
+
+
+@attrs.define
+class Context:
+    """What a task can learn about its own execution (``self.request``)."""
+
+    id: str | None = None
+    task: str | None = None
+    args: tuple = ()
+    kwargs: dict = attrs.Factory(dict)
+    retries: int = 0
+    is_eager: bool = False
+    called_directly: bool = True
+    eta: Any = None
+    expires: Any = None
+    hostname: str | None = None
+    delivery_info: dict = attrs.Factory(dict)
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    origin: str | None = None
+    timelimit: tuple = (None, None)
+    headers: dict = attrs.Factory(dict)
+    callbacks: list = attrs.Factory(list)
+    errbacks: list = attrs.Factory(list)
+    chain: list = attrs.Factory(list)
+    children: list = attrs.Factory(list)
+    ignore_result: bool = False
+    delivery_count: int = 0
+
+
+_EMPTY_CONTEXT = Context()
+
+
+def current_task() -> Task | None:
+    """The task running in this thread, if any."""
+    entry = _current.get()
+    return entry[0] if entry else None
+
+
+def current_request() -> Context | None:
+    entry = _current.get()
+    return entry[1] if entry else None
+
+
+class Task:
+    """A registered task. Options are class attributes, overridable per task."""
+
+    name: str = ""
+    app: App
+    typing = True
+    bind = False
+    ignore_result: bool | None = None
+    track_started: bool | None = None
+    serializer: str | None = None
+    compression: str | None = None
+    queue: str | None = None
+    routing_key: str | None = None
+    exchange: str | None = None
+    priority: int | None = None
+    acks_late: bool | None = None
+    reject_on_worker_lost: bool | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    expires: Any = None
+    max_retries: int | None = 3
+    default_retry_delay: float = 180
+
+    #: The user's function, set by the decorator.
+    run: Callable[..., Any]
+
+    # -- calling here -------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task body in this process (like calling the function)."""
+        if _current.get() is not None and _current.get()[0] is self:
+            return self._invoke(args, kwargs)
+        token = _current.set((self, Context(args=args, kwargs=kwargs, task=self.name)))
+        try:
+            return self._invoke(args, kwargs)
+        finally:
+            _current.reset(token)
+
+    def _invoke(self, args: tuple, kwargs: dict) -> Any:
+        if self.bind:
+            return self.run(self, *args, **kwargs)
+        return self.run(*args, **kwargs)
+
+    def run_with_context(self, context: Context) -> Any:
+        """Run the body with ``context`` as ``self.request`` (used by workers and eager mode)."""
+        token = _current.set((self, context))
+        try:
+            return self._invoke(tuple(context.args), dict(context.kwargs))
+        finally:
+            _current.reset(token)
+
+    @property
+    def request(self) -> Context:
+        entry = _current.get()
+        if entry is not None and entry[0] is self:
+            return entry[1]
+        return _EMPTY_CONTEXT
+
+    # -- sending --------------------------------------------------------------------------
+
+    def check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """Raise TypeError, before anything is sent, when the call would not bind."""
+        if not self.typing:
+            return
+        try:
+            signature = inspect.signature(self.run)
+        except (TypeError, ValueError):  # builtins without signatures
+            return
+        params = list(signature.parameters.values())
+        if self.bind and params:
+            signature = signature.replace(parameters=params[1:])
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}{signature}: {exc}") from None
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Send the task with these arguments: ``apply_async(args, kwargs)``."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
+        """Send the task to a worker; returns its :class:`~kernel.result.AsyncResult`.
+
+        Options: ``countdown``, ``eta``, ``expires``, ``queue``, ``routing_key``,
+        ``exchange``, ``priority``, ``task_id``, ``headers``, ``serializer``,
+        ``compression``, ``link``, ``link_error``, ``ignore_result``, ``time_limit``,
+        ``soft_time_limit``.
+        """
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        self.check_arguments(args, kwargs)
+        if self.app.conf.task_always_eager:
+            return self.apply(args, kwargs, **options)
+        for option in (
+            "serializer",
+            "compression",
+            "priority",
+            "time_limit",
+            "soft_time_limit",
+            "expires",
+        ):
+            value = getattr(self, option)
+            if value is not None:
+                options.setdefault(option, value)
+        if self.ignore_result is not None:
+            options.setdefault("ignore_result", self.ignore_result)
+        task_routing = {
+            k: getattr(self, k) for k in ("queue", "routing_key", "exchange") if getattr(self, k)
+        }
+        return self.app.send_task(self.name, args, kwargs, task_routing=task_routing, **options)
+
+    def apply(
+        self, args: Any = None, kwargs: Any = None, *, task_id: str | None = None, **options: Any
+    ) -> AsyncResult:
+        """Run the task here and now, as a worker would; returns an EagerResult."""
+        from kernel.worker.execute import run_eager
+
+        return run_eager(
+            self, tuple(args or ()), dict(kwargs or {}), task_id or str(uuid.uuid4()), options
+        )
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+        return self.app.AsyncResult(task_id, task_name=self.name)
+
+    def update_state(
+        self, task_id: str | None = None, state: str | None = None, meta: Any = None
+    ) -> None:
+        """Record a custom state (progress) for this task, or for ``task_id``."""
+        task_id = task_id or self.request.id
+        if task_id is None:
+            raise RuntimeError(
+                f"{self.name}.update_state() needs a task_id when called outside a task"
+            )
+        self.app.backend.store_result(task_id, meta, state or "PROGRESS", request=self.request)
+
+    # -- canvas --------------------------------------------------------------------------
+
+    def signature(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        from kernel.canvas import Signature
+
+        return Signature(self.name, args, kwargs, options, app=self.app)
+
+    def s(self, *args: Any, **kwargs: Any) -> Any:
+        return self.signature(args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Any:
+        return self.signature(args, kwargs, immutable=True)
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+
+def task_name_for(app: App, function: Callable[..., Any]) -> str:
+    """``module.function``; tasks defined in ``__main__`` use the app's main name."""
+    module = function.__module__
+    if module == "__main__" and app.main:
+        module = app.main
+    return f"{module}.{function.__qualname__}"

@@ -1,0 +1,1 @@
+"""Test helpers for kernel users and plugin authors (documented plugin API)."""

@@ -1,0 +1,1 @@
+"""The worker: consumer loop, pools, and task execution."""

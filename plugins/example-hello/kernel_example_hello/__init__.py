@@ -1,0 +1,1 @@
+"""An example kernel plugin; copy this directory to start your own."""

@@ -1,0 +1,369 @@
+"""The SQLite transport: the transport contract, plus leases, crashes and many processes."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import kombu
+import pytest
+from kombu import Exchange, Queue
+
+from kernel.exceptions import ConfigurationError
+from kernel.plugins.builtin.sqlite_transport import Transport, database_path
+from kernel.testing.contracts import TransportContract
+from kernel.testing.contracts.transport import FEATURES
+
+TRANSPORT = "kernel.plugins.builtin.sqlite_transport:Transport"
+REPO = Path(__file__).resolve().parents[2]
+
+
+class TestSQLiteTransport(TransportContract):
+    transport = TRANSPORT
+    transport_options = {"visibility_timeout": 2}
+    features = FEATURES
+
+    @pytest.fixture
+    def transport_url(self, tmp_path):
+        return f"sqlite:///{tmp_path}/broker.db"
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path}/broker.db"
+
+
+@pytest.fixture
+def connect(url):
+    connections = []
+
+    def connect(**options):
+        connection = kombu.Connection(url, transport=Transport, transport_options=options)
+        connection.connect()
+        connections.append(connection)
+        return connection
+
+    yield connect
+    for connection in connections:
+        connection.release()
+
+
+def make_queue(name="work"):
+    return Queue(name, Exchange("tasks", "direct"), routing_key=name)
+
+
+def publish(connection, queue, body, **kwargs):
+    connection.Producer(serializer="json").publish(
+        body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue], **kwargs
+    )
+
+
+def get(connection, queue, timeout=5.0):
+    bound = queue(connection.default_channel)
+    deadline = time.monotonic() + timeout
+    while True:
+        message = bound.get()
+        if message is not None or time.monotonic() >= deadline:
+            return message
+        time.sleep(0.01)
+
+
+def spawn(script, *args):
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def read_line(process, timeout):
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    if not ready:
+        process.kill()
+        pytest.fail(f"child printed nothing within {timeout} s: {process.stderr.read()}")
+    return process.stdout.readline().strip()
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s")
+        time.sleep(0.05)
+
+
+def count_rows(path):
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT COUNT(*) FROM kernel_messages").fetchone()[0]
+
+
+# -- URLs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite://", "kernel.sqlite3"),
+        ("sqlite:///", "kernel.sqlite3"),
+        ("sqlite:///rel/x.db", "rel/x.db"),
+        ("sqlite:////abs/x.db", "/abs/x.db"),
+    ],
+)
+def test_database_path_follows_sqlalchemy_url_convention(url, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    connection = kombu.Connection(url, transport=Transport)
+    path = database_path(connection.virtual_host, connection.hostname)
+    assert path == os.path.join(str(tmp_path), expected)
+
+
+def test_url_with_hostname_raises_configuration_error_naming_the_slashes():
+    with pytest.raises(ConfigurationError, match="three slashes.*four"):
+        database_path("x.db", "foo")
+    with pytest.raises(ConfigurationError, match="'foo'"):
+        kombu.Connection("sqlite://foo/x.db", transport=Transport).connect()
+
+
+def test_path_transport_option_overrides_url_and_creates_directories(tmp_path, url):
+    path = tmp_path / "nested" / "dir" / "other.db"
+    with kombu.Connection(url, transport=Transport, transport_options={"path": str(path)}) as c:
+        publish(c, make_queue(), "hello")
+        assert c.transport.path == str(path)
+    assert count_rows(path) == 1
+
+
+# -- leases ------------------------------------------------------------------------------
+
+
+def test_lease_is_renewed_while_consumer_lives(connect):
+    holder, other = connect(visibility_timeout=1), connect(visibility_timeout=1)
+    queue = make_queue()
+    publish(holder, queue, "long task")
+    message = get(holder, queue)
+
+    # Three visibility timeouts pass; renewal keeps the message away from `other`.
+    assert get(other, queue, timeout=3.0) is None
+    message.ack()
+    assert get(other, queue, timeout=0.2) is None
+
+
+def test_killed_consumer_message_is_redelivered_after_visibility_timeout(connect, url):
+    queue = make_queue()
+    publish(connect(), queue, "survives")
+    child = spawn(
+        """
+        import sys, time, kombu
+        from kombu import Exchange, Queue
+        from kernel.plugins.builtin.sqlite_transport import Transport
+        conn = kombu.Connection(sys.argv[1], transport=Transport,
+                                transport_options={"visibility_timeout": 1})
+        queue = Queue("work", Exchange("tasks", "direct"), routing_key="work")
+        message = None
+        deadline = time.monotonic() + 10
+        while message is None and time.monotonic() < deadline:
+            message = queue(conn.default_channel).get()
+            time.sleep(0.01)
+        print("held", message and message.payload, flush=True)
+        time.sleep(60)
+        """,
+        url,
+    )
+    try:
+        assert read_line(child, timeout=15) == "held survives"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=5)
+        child.stdout.close()
+        child.stderr.close()
+
+    other = connect(visibility_timeout=1)
+    message = get(other, queue, timeout=4.0)
+    assert message is not None, "the dead consumer's message never came back"
+    assert message.payload == "survives"
+    assert message.headers["x-delivery-count"] == 1
+    assert message.delivery_info["redelivered"] is True
+    message.ack()
+
+
+def test_restore_on_close_takes_back_the_delivery_count(connect):
+    queue = make_queue()
+    first = connect()
+    publish(first, queue, "prefetched")
+    assert get(first, queue).headers["x-delivery-count"] == 0
+    first.release()  # warm shutdown: handed back unstarted
+
+    second = connect()
+    message = get(second, queue)
+    assert message.headers["x-delivery-count"] == 0
+    message.reject(requeue=True)  # a rejection is an attempt
+    assert get(second, queue).headers["x-delivery-count"] == 1
+
+
+def test_ack_after_lease_lost_to_another_consumer_warns_and_keeps_message(connect, caplog):
+    queue = make_queue()
+    slow = connect(visibility_timeout=0.3)
+    publish(slow, queue, "contested")
+    stale = get(slow, queue)
+    slow.default_channel._stop_renewer()  # as if the process had stalled
+
+    fast = connect(visibility_timeout=30)
+    fresh = get(fast, queue, timeout=3.0)
+    assert fresh is not None
+    with caplog.at_level(logging.WARNING):
+        stale.ack()
+    assert "no longer holds" in caplog.text
+    fresh.ack()
+    assert get(fast, queue, timeout=0.2) is None
+
+
+def test_no_ack_get_removes_message_at_once(connect):
+    queue = make_queue()
+    connection = connect()
+    publish(connection, queue, "fire and forget")
+    message = queue(connection.default_channel).get(no_ack=True)
+    assert message.payload == "fire and forget"
+    connection.release()
+    assert get(connect(), queue, timeout=0.2) is None
+
+
+def test_forked_child_publishes_on_its_own_database_connection(connect):
+    queue = make_queue()
+    connection = connect()
+    publish(connection, queue, "from parent")
+    parent_db = connection.transport.database.connection()
+
+    pid = os.fork()
+    if pid == 0:  # child: reuse the inherited kombu connection, as a pool child might
+        try:
+            own = connection.transport.database.connection() is not parent_db
+            publish(connection, queue, "from child")
+            os._exit(0 if own else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+    received = sorted(get(connection, queue).payload for _ in range(2))
+    assert received == ["from child", "from parent"]
+
+
+# -- sharing through the database ----------------------------------------------------------
+
+
+def test_bindings_declared_by_one_connection_route_messages_of_another(connect):
+    declaring, publishing = connect(), connect()
+    exchange = Exchange("broadcast", "fanout")
+    queues = [Queue(name, exchange) for name in ("a", "b")]
+    for queue in queues:
+        queue(declaring.default_channel).declare()
+
+    # `publishing` has its own kombu broker state and never declared the exchange.
+    publishing.default_channel.basic_publish(
+        publishing.default_channel.prepare_message('"hi"', content_type="application/json"),
+        exchange="broadcast",
+        routing_key="",
+    )
+    for queue in queues:
+        assert get(declaring, queue).payload == "hi"
+
+
+def test_messages_from_several_producer_processes_are_received_exactly_once(tmp_path, url):
+    stop = tmp_path / "stop"
+    consumer_script = """
+        import json, os, sys, kombu
+        from kombu import Exchange, Queue
+        from kernel.plugins.builtin.sqlite_transport import Transport
+        received = []
+        def on_message(body, message):
+            received.append(body)
+            message.ack()
+        queue = Queue("stress", Exchange("stress", "direct"), routing_key="stress")
+        with kombu.Connection(sys.argv[1], transport=Transport) as conn:
+            with conn.Consumer(queue, callbacks=[on_message]):
+                print("ready", flush=True)
+                while True:
+                    try:
+                        conn.drain_events(timeout=0.2)
+                    except TimeoutError:
+                        if os.path.exists(sys.argv[2]):
+                            break
+        print(json.dumps(received), flush=True)
+        """
+    producer_script = """
+        import sys, kombu
+        from kombu import Exchange, Queue
+        from kernel.plugins.builtin.sqlite_transport import Transport
+        queue = Queue("stress", Exchange("stress", "direct"), routing_key="stress")
+        with kombu.Connection(sys.argv[1], transport=Transport) as conn:
+            producer = conn.Producer(serializer="json")
+            for n in range(int(sys.argv[3])):
+                producer.publish(f"{sys.argv[2]}-{n}", exchange=queue.exchange,
+                                 routing_key="stress", declare=[queue])
+        """
+    consumers = [spawn(consumer_script, url, stop) for _ in range(2)]
+    try:
+        for consumer in consumers:
+            assert read_line(consumer, timeout=15) == "ready"
+        producers = [spawn(producer_script, url, name, 200) for name in "xyz"]
+        for producer in producers:
+            _, errors = producer.communicate(timeout=20)
+            assert producer.returncode == 0, errors
+        path = tmp_path / "broker.db"
+        wait_until(lambda: count_rows(path) == 0, 20, "draining 600 messages")
+        stop.touch()
+        outputs = [consumer.communicate(timeout=10) for consumer in consumers]
+    finally:
+        for consumer in consumers:
+            if consumer.poll() is None:
+                consumer.kill()
+                consumer.communicate()
+
+    received = collections.Counter()
+    for (stdout, errors), consumer in zip(outputs, consumers, strict=True):
+        assert consumer.returncode == 0, errors
+        received.update(json.loads(stdout.splitlines()[-1]))
+    expected = {f"{name}-{n}" for name in "xyz" for n in range(200)}
+    assert set(received) == expected, "messages lost"
+    assert max(received.values()) == 1, "messages delivered twice"
+
+
+# -- bad data ----------------------------------------------------------------------------
+
+
+def test_undecodable_row_is_skipped_with_warning_and_next_message_delivered(
+    connect, tmp_path, caplog
+):
+    queue = make_queue()
+    connection = connect()
+    queue(connection.default_channel).declare()
+    path = tmp_path / "broker.db"
+    with sqlite3.connect(path) as db:
+        bad_id = db.execute(
+            "INSERT INTO kernel_messages (queue, priority, deliver_at, payload, created_at) "
+            "VALUES ('work', 0, 0, '{not json', 0)"
+        ).lastrowid
+    publish(connection, queue, "good")
+
+    with caplog.at_level(logging.WARNING):
+        message = get(connection, queue)
+    assert message.payload == "good"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"row {bad_id}" in warnings[0].getMessage()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT id FROM kernel_dead_messages").fetchall() == [(bad_id,)]
+    message.ack()
