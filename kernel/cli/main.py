@@ -136,4 +136,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
     set_default_manager(manager)
     KernelGroup.manager = manager
     _register_commands()
-    return cli.main(args=args, prog_name="kernel")
+    from kernel.exceptions import KernelError
+
+    try:
+        return cli.main(args=args, prog_name="kernel")
+    except KernelError as exc:  # configuration and plugin errors: one line, no traceback
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)

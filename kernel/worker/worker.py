@@ -236,10 +236,16 @@ class Worker:
             self._shutdown(consumer, channel, connection, cold)
 
     def _run(self, connection: Any) -> None:
+        assert self.pool is not None
         while self._stop_mode is None:
             self._complete_finished()
             self._release_scheduled()
             self._dispatch()
+            if self._reserved and len(self._inflight) >= self.pool.limit:
+                # Slot-bound: work is waiting and every slot is busy, so the next thing
+                # that matters is a task finishing; wait for exactly that event.
+                self._wait_completion(self._until_next_eta(self.idle_poll))
+                continue
             timeout = self.busy_poll if self._inflight else self.idle_poll
             try:
                 connection.drain_events(timeout=timeout)
@@ -392,6 +398,11 @@ class Worker:
                 )
                 return
         self._reserved.append((message, decoded))
+
+    def _until_next_eta(self, limit: float) -> float:
+        if not self._scheduled:
+            return limit
+        return max(0.0, min(limit, self._scheduled[0][0] - time.time()))
 
     def _release_scheduled(self) -> None:
         now = time.time()

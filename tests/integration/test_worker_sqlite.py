@@ -177,3 +177,23 @@ def test_broken_plugin_is_reported_once_and_the_worker_still_runs_tasks(broker: 
     log = worker.log()
     assert log.count("plugin 'broken_plugin'") == 1
     assert "broken on purpose" in log
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_cold_shutdown_returns_the_running_task_which_a_new_worker_finishes(
+    broker: Broker, pool: str
+):
+    worker = broker.worker("-P", pool, "-c", "1")
+    result = broker.app.send_task("itasks.slow_record", ("cold", 3.0))
+    wait_until(
+        lambda: any(r.startswith("start cold") for r in broker.records()), 20, "the task to start"
+    )
+    worker.signal(signal.SIGTERM)
+    wait_until(lambda: "warm shutdown" in worker.log(), 10, "the warm shutdown to begin")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit(20) == 0
+    assert "cold shutdown" in worker.log()
+    assert not [r for r in broker.records() if r.startswith("end cold")]
+    broker.worker("-P", "solo")
+    assert result.get(timeout=30) == "cold"
+    assert len([r for r in broker.records() if r.startswith("end cold")]) == 1

@@ -17,6 +17,7 @@ def kernel_transports():
             name="memory",
             schemes=["memory"],
             kombu_transport="kombu.transport.memory:Transport",
-            features=set(),
+            # one process only; unacked messages are dropped when a channel closes
+            features={"fanout"},
         ),
     ]
