@@ -324,7 +324,7 @@ class App:
         parent = current_request()
         parent_id = options.pop("parent_id", None)
         root_id = options.pop("root_id", None)
-        if parent is not None and parent.id:
+        if parent is not None and parent.id and parent.id != task_id:  # not a retry of itself
             parent_id = parent_id or parent.id
             root_id = root_id or parent.root_id or parent.id
             parent.children.append([[task_id, None], None])

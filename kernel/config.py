@@ -7,6 +7,7 @@ the defaults, ``KERNEL_<NAME>`` environment variables, ``App(...)`` arguments,
 """
 
 from __future__ import annotations
+import __future__
 
 import difflib
 import importlib
@@ -200,8 +201,8 @@ class Settings:
                     name.lower().removeprefix("celery_"),
                 )
             elif name in known or not (
-                callable(value) or isinstance(value, type(os))
-            ):  # functions, classes and modules imported by a config module are not settings
+                callable(value) or isinstance(value, (type(os), __future__._Feature))
+            ):  # functions, classes, modules and __future__ imports are not settings
                 values[name] = value
         self.update(values)
 

@@ -5,6 +5,8 @@ Every message says what failed, with the offending value, and what to do about i
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class KernelError(Exception):
     """Base class of every error the kernel raises on purpose."""
@@ -65,10 +67,6 @@ class TaskRevokedError(KernelError):
     """The task was revoked and did not run to completion."""
 
 
-class IncompleteStream(KernelError):
-    """A result was waited on from inside a task (``disable_sync_subtasks``)."""
-
-
 class RemoteException(KernelError):
     """Stand-in for a task's exception whose class cannot be imported here.
 
@@ -94,6 +92,24 @@ class Reject(KernelError):
         super().__init__(reason)
         self.reason = reason
         self.requeue = requeue
+
+
+class Retry(KernelError):  # noqa: N818 - Celery's name, users catch it
+    """Raised by ``task.retry()``: the task was sent again and this run ends here."""
+
+    def __init__(
+        self, message: str | None = None, exc: BaseException | None = None, when: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.exc = exc
+        self.when = when
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args and self.args[0] else "retry"
+
+
+class MaxRetriesExceededError(KernelError):
+    """A task asked to be retried more often than its ``max_retries`` allows."""
 
 
 class Ignore(KernelError):

@@ -205,6 +205,73 @@ class Task:
             )
         self.app.backend.store_result(task_id, meta, state or "PROGRESS", request=self.request)
 
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Send this task again (same id, ``retries`` + 1) and end the current run.
+
+        Waits ``countdown`` seconds (default ``default_retry_delay``) or until ``eta``.
+        Past ``max_retries`` (None: for ever) it raises ``exc`` if given, else
+        ``MaxRetriesExceededError``. Raises :class:`~kernel.exceptions.Retry` when
+        ``throw`` is true, which the worker records as the RETRY state.
+        """
+        from kernel.exceptions import MaxRetriesExceededError, Retry
+
+        request = self.request
+        if request.id is None or request.called_directly:
+            raise RuntimeError(
+                f"{self.name}.retry() only works while the task runs in a worker or with "
+                "apply(); it was called directly"
+            )
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and request.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"can't retry {self.name}[{request.id}] args:{request.args} "
+                f"kwargs:{request.kwargs}: already retried {request.retries} time(s), "
+                f"max_retries={limit}"
+            )
+        if countdown is None and eta is None:
+            countdown = self.default_retry_delay
+        call_args = request.args if args is None else args
+        call_kwargs = request.kwargs if kwargs is None else kwargs
+        if request.is_eager:  # apply() runs it again at once with retries + 1
+            self.app.plugins.hook.kernel_task_retry(task=self, request=request, reason=exc)
+            raise Retry(f"retry {self.name}[{request.id}] eagerly", exc, None)
+        queue = (request.delivery_info or {}).get("routing_key")
+        if queue and "queue" not in options:
+            options["queue"] = queue
+        self.app.send_task(
+            self.name,
+            call_args,
+            call_kwargs,
+            task_id=request.id,
+            retries=request.retries + 1,
+            countdown=countdown,
+            eta=eta,
+            link=request.callbacks or None,
+            link_error=request.errbacks or None,
+            root_id=request.root_id,
+            parent_id=request.parent_id,
+            group_id=request.group,
+            **options,
+        )
+        when = eta if eta is not None else f"in {countdown}s"
+        reason = exc if exc is not None else f"retry requested ({when})"
+        self.app.plugins.hook.kernel_task_retry(task=self, request=request, reason=reason)
+        if throw:
+            raise Retry(f"retry {self.name}[{request.id}] {when}: {reason}", exc, when)
+        return None
+
     # -- canvas --------------------------------------------------------------------------
 
     def signature(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:

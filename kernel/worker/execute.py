@@ -17,7 +17,7 @@ import attrs
 from kernel import states
 from kernel.backends import document
 from kernel.canvas import maybe_signature
-from kernel.exceptions import Ignore, Reject
+from kernel.exceptions import Ignore, Reject, Retry
 from kernel.protocol import DecodedTask
 from kernel.task import Context, Task
 
@@ -128,6 +128,14 @@ def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcom
         )
     except Ignore:
         state = states.IGNORED
+    except Retry as exc:
+        state = states.RETRY
+        reason = exc.exc if exc.exc is not None else exc
+        if backend is not None and not ignore:
+            meta = backend.store_result(
+                context.id, reason, states.RETRY, traceback_module.format_exc(), request=context
+            )
+        log.info("task %s[%s] will retry: %s", task.name, context.id, exc)
     except Exception as exc:
         state = states.FAILURE
         text = traceback_module.format_exc()
@@ -228,7 +236,10 @@ def run_eager(task: Task, args: tuple, kwargs: dict, task_id: str, options: dict
         callbacks=_as_list(options.get("link")),
         errbacks=_as_list(options.get("link_error")),
     )
-    _outcome, meta = execute(task, context, store=False)
+    outcome, meta = execute(task, context, store=False)
+    while outcome.state == states.RETRY:  # bounded by the task's max_retries
+        context.retries += 1
+        outcome, meta = execute(task, context, store=False)
     result = EagerResult(task_id, task.app, meta, task_name=task.name)
     if task.app.conf.task_eager_propagates and meta.get("status") == states.FAILURE:
         result.get()  # raises the task's exception, as Celery's eager_propagates does

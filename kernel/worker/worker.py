@@ -40,6 +40,7 @@ from kernel.exceptions import (
 )
 from kernel.plugins.manager import redact_url as _redact
 from kernel.protocol import DELIVERY_COUNT_HEADER, DecodedTask, decode_task
+from kernel.worker.execute import context_for
 from kernel.worker.pools import Job, Pool
 
 log = logging.getLogger(__name__)
@@ -387,6 +388,13 @@ class Worker:
                 decoded.expires.isoformat(),
             )
             self.app.backend.mark_as_revoked(decoded.id, "expired")
+            request = context_for(decoded, self.hostname, message.delivery_info)
+            self.app.plugins.hook.kernel_task_revoked(
+                task=self.app.tasks[decoded.name],
+                request=request,
+                terminated=False,
+                expired=True,
+            )
             message.ack()
             return
         if decoded.eta is not None:
