@@ -197,3 +197,11 @@ def test_cold_shutdown_returns_the_running_task_which_a_new_worker_finishes(
     broker.worker("-P", "solo")
     assert result.get(timeout=30) == "cold"
     assert len([r for r in broker.records() if r.startswith("end cold")]) == 1
+
+
+def test_reject_on_worker_lost_false_marks_the_task_failed_at_once(broker: Broker):
+    broker.worker("-P", "prefork", "-c", "1")
+    result = broker.app.send_task("itasks.die_without_requeue")
+    with pytest.raises(WorkerLostError, match="the process running it died"):
+        result.get(timeout=30)
+    assert len([r for r in broker.records() if r.startswith("die-once")]) == 1

@@ -56,3 +56,9 @@ def slow_record(token, seconds):
 def die():
     _record(f"die {os.getpid()}")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(reject_on_worker_lost=False)
+def die_without_requeue():
+    _record(f"die-once {os.getpid()}")
+    os.kill(os.getpid(), signal.SIGKILL)
