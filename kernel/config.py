@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import warnings
+from datetime import timedelta
 from typing import Any
 
 import attrs
@@ -24,6 +25,15 @@ from kernel.exceptions import ConfigurationError
 log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE = "kernel.sqlite3"
+
+
+def seconds(value: Any, name: str) -> float | None:
+    """Accept seconds or a ``timedelta`` (Celery configurations use both)."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value is None else float(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    raise ConfigurationError(f"{name} must be seconds or a timedelta, got {value!r}")
 
 
 def setting(default: Any, doc: str, *, factory: Any = None) -> Any:
@@ -57,9 +67,13 @@ class Settings:
         "Where results are stored; the same SQLite file as the broker by default. "
         "`cache+memory://` keeps results in this process only; None disables results.",
     )
-    result_expires: float | None = setting(
-        86400.0,
-        "Seconds after which stored results may be deleted (default one day); None keeps them.",
+    result_expires: float | None = attrs.field(
+        default=86400.0,
+        converter=lambda value: seconds(value, "result_expires"),
+        metadata={
+            "doc": "Seconds (or a timedelta) after which stored results may be "
+            "deleted (default one day); None keeps them."
+        },
     )
     result_serializer: str = setting("json", "Serializer for stored results.")
     result_accept_content: list | None = setting(
@@ -102,7 +116,9 @@ class Settings:
         False, "Run tasks in the calling process instead of sending them (for tests)."
     )
     task_eager_propagates: bool = setting(
-        True, "In eager mode, `.get()` raises the task's exception."
+        False,
+        "In eager mode, `apply()`/`delay()` raise the task's exception at once (as in "
+        "Celery, off by default; `.get()` raises it either way).",
     )
     task_acks_late: bool = setting(
         True,
@@ -187,7 +203,8 @@ class Settings:
                     f"cannot import configuration module {obj!r}: {exc}; "
                     "give a module importable from the current directory"
                 ) from exc
-        if isinstance(obj, dict):
+        from_mapping = isinstance(obj, dict)
+        if from_mapping:
             source = dict(obj)
         else:
             source = {name: getattr(obj, name) for name in dir(obj) if not name.startswith("_")}
@@ -200,9 +217,11 @@ class Settings:
                     name,
                     name.lower().removeprefix("celery_"),
                 )
-            elif name in known or not (
-                callable(value) or isinstance(value, (type(os), __future__._Feature))
-            ):  # functions, classes, modules and __future__ imports are not settings
+            elif (
+                from_mapping
+                or name in known
+                or not (callable(value) or isinstance(value, (type(os), __future__._Feature)))
+            ):  # a module's functions, classes, modules and __future__ imports are not settings
                 values[name] = value
         self.update(values)
 

@@ -187,8 +187,27 @@ def decode_task(
             f"task {headers['task']!r} id {headers['id']}: args must be a list and kwargs "
             f"an object, got {type(args).__name__} and {type(kwargs).__name__}"
         )
+    if embed is not None and not isinstance(embed, Mapping):
+        raise ProtocolError(
+            f"task {headers['task']!r} id {headers['id']}: embed (third body item) must be "
+            f"an object of callbacks/errbacks/chain/chord, got {type(embed).__name__}"
+        )
     limits = headers.get("timelimit") or (None, None)
+    if not isinstance(limits, (list, tuple)):
+        raise ProtocolError(
+            f"task {headers['task']!r} id {headers['id']}: header timelimit must be "
+            f"[soft, hard], got {limits!r}"
+        )
     soft, hard = (list(limits) + [None, None])[:2]
+    counts = {}
+    for header in ("retries", DELIVERY_COUNT_HEADER):
+        try:
+            counts[header] = int(headers.get(header) or 0)
+        except (TypeError, ValueError):
+            raise ProtocolError(
+                f"task {headers['task']!r} id {headers['id']}: header {header} must be an "
+                f"integer, got {headers.get(header)!r}"
+            ) from None
     return DecodedTask(
         id=str(headers["id"]),
         name=str(headers["task"]),
@@ -198,7 +217,7 @@ def decode_task(
         headers=headers,
         eta=parse_datetime(headers.get("eta")),
         expires=parse_datetime(headers.get("expires")),
-        retries=int(headers.get("retries") or 0),
+        retries=counts["retries"],
         time_limits=(soft, hard),
         root_id=headers.get("root_id"),
         parent_id=headers.get("parent_id"),
@@ -206,5 +225,5 @@ def decode_task(
         origin=headers.get("origin"),
         reply_to=properties.get("reply_to") or None,
         ignore_result=bool(headers.get("ignore_result", False)),
-        delivery_count=int(headers.get(DELIVERY_COUNT_HEADER) or 0),
+        delivery_count=counts[DELIVERY_COUNT_HEADER],
     )

@@ -8,6 +8,7 @@ then ``task_routes``, then the default queue.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -55,7 +56,8 @@ def route_from_setting(
         elif isinstance(router, str):
             from kernel.plugins.specs import resolve
 
-            found = _call_router(resolve(router.replace(":", ".", 0)), name, args, kwargs, options)
+            target = router if ":" in router else ":".join(router.rsplit(".", 1))
+            found = _call_router(resolve(target), name, args, kwargs, options)
         elif callable(router):
             found = _call_router(router, name, args, kwargs, options)
         else:
@@ -70,10 +72,14 @@ def route_from_setting(
 def _call_router(
     router: Callable[..., Any], name: str, args: Any, kwargs: Any, options: dict
 ) -> Any:
+    """Call a router; Celery's take ``(name, args, kwargs, options, task=None, **kw)``."""
     try:
-        return router(name, args, kwargs, options)
-    except TypeError:  # Celery routers may take (name, args, kwargs, options, task=None)
+        accepts_task = "task" in inspect.signature(router).parameters
+    except (TypeError, ValueError):
+        accepts_task = False
+    if accepts_task:
         return router(name, args, kwargs, options, task=None)
+    return router(name, args, kwargs, options)
 
 
 def resolve_route(

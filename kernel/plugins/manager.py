@@ -144,6 +144,8 @@ class PluginManager:
         return True
 
     def _fail(self, failure: loader.LoadFailure) -> None:
+        if failure in self.failures:  # lookups re-collect capabilities; report once
+            return
         self.failures.append(failure)
         log.error("%s", failure.describe())
 
@@ -219,8 +221,8 @@ class PluginManager:
             return cached
         hook = getattr(self.pm.hook, f"kernel_{kind}")
         table: dict[str, tuple[Any, str]] = {}
-        # pluggy calls the most recently registered first; walk in load order instead.
-        for impl in reversed(hook.get_hookimpls()):
+        # get_hookimpls() lists in registration (load) order; pluggy calls them reversed.
+        for impl in hook.get_hookimpls():  # registration order
             plugin_name = impl.plugin_name
             try:
                 specs = list(impl.function() or ())

@@ -109,6 +109,7 @@ class Worker:
         self._reserved: deque[tuple[Any, DecodedTask]] = deque()
         self._scheduled: list[tuple[float, int, Any, DecodedTask]] = []
         self._sequence = itertools.count()
+        self._eta_held = 0
         self._inflight: dict[str, tuple[Any, DecodedTask]] = {}
         self._components: list[Any] = []
         self.counts = {"succeeded": 0, "failed": 0, "dead_lettered": 0, "requeued": 0}
@@ -214,6 +215,7 @@ class Worker:
             prefetch_count=self.prefetch_count or None,
         )
         consumer.consume()
+        self._consumer = consumer
         self._start_components()
         self.app.plugins.hook.kernel_worker_ready(worker=self)
         log.info(
@@ -233,6 +235,13 @@ class Worker:
                 cold = not self._drain_inflight(connection)
         except ColdShutdown:
             cold = True
+        except Exception:
+            log.exception(
+                "worker %s failed; stopping at once, unfinished messages go back to the queue",
+                self.hostname,
+            )
+            cold = True
+            raise
         finally:
             self._shutdown(consumer, channel, connection, cold)
 
@@ -362,6 +371,9 @@ class Worker:
         except ProtocolError as exc:
             self._reject_bad(message, str(exc))
             return
+        except Exception as exc:  # a bad message must never stop the worker
+            self._reject_bad(message, f"message could not be read: {type(exc).__name__}: {exc}")
+            return
         if decoded.name not in self.app.tasks:
             error = NotRegistered(
                 f"task {decoded.name!r} is not registered on worker {self.hostname}; "
@@ -404,6 +416,7 @@ class Worker:
                     self._scheduled,
                     (decoded.eta.timestamp(), next(self._sequence), message, decoded),
                 )
+                self._hold_prefetch_slot(+1)
                 return
         self._reserved.append((message, decoded))
 
@@ -412,11 +425,20 @@ class Worker:
             return limit
         return max(0.0, min(limit, self._scheduled[0][0] - time.time()))
 
+    def _hold_prefetch_slot(self, change: int) -> None:
+        """Messages held for their ETA do not count against the prefetch window
+        (as Celery does), or enough of them would stop the worker receiving."""
+        if not self.prefetch_count:
+            return
+        self._eta_held += change
+        self._consumer.qos(prefetch_count=self.prefetch_count + self._eta_held)
+
     def _release_scheduled(self) -> None:
         now = time.time()
         while self._scheduled and self._scheduled[0][0] <= now:
             _, _, message, decoded = heapq.heappop(self._scheduled)
             self._reserved.append((message, decoded))
+            self._hold_prefetch_slot(-1)
 
     # ----------------------------------------------------------------- running
 

@@ -7,3 +7,9 @@ only then.
 from kernel.testing.contracts.transport import TransportContract
 
 __all__ = ["TransportContract"]
+
+from kernel.testing.contracts.backend import BackendContract  # noqa: E402
+from kernel.testing.contracts.pool import PoolContract  # noqa: E402
+from kernel.testing.contracts.serializer import SerializerContract  # noqa: E402
+
+__all__ += ["BackendContract", "PoolContract", "SerializerContract"]
