@@ -97,6 +97,10 @@ class AsyncResult:
             _refuse_sync_wait(self.id)
         if self._cache is None:
             self._cache = self.backend.wait_for(self.id, timeout=timeout, interval=interval)
+        return self._value(propagate)
+
+    def _value(self, propagate: bool) -> Any:
+        """The ready result's value; its exception is raised when ``propagate``."""
         value = document.result_value(self._cache)
         failed = self._cache["status"] in states.PROPAGATE_STATES
         if propagate and failed and isinstance(value, BaseException):
@@ -154,10 +158,7 @@ class EagerResult(AsyncResult):
         interval: float | None = None,
         disable_sync_subtasks: bool = True,
     ) -> Any:
-        value = document.result_value(self._meta())
-        if propagate and self.state in states.PROPAGATE_STATES and isinstance(value, BaseException):
-            raise value
-        return value
+        return self._value(propagate)
 
     wait = get
 

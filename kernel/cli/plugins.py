@@ -9,6 +9,7 @@ from importlib import metadata
 import click
 
 from kernel.cli.main import KernelGroup, load_app, plugin_options
+from kernel.plugins.specs import CAPABILITY_KINDS
 
 
 def _version(distribution: str) -> str:
@@ -36,17 +37,7 @@ def plugins() -> None:
         lifecycle = [
             h
             for h in info.hooks
-            if h.removeprefix("kernel_")
-            not in (
-                "transports",
-                "result_backends",
-                "serializers",
-                "compressors",
-                "pools",
-                "schedulers",
-                "control_commands",
-                "worker_components",
-            )
+            if h.removeprefix("kernel_") not in CAPABILITY_KINDS and h != "kernel_commands"
         ]
         if lifecycle:
             click.echo(f"    hooks:    {', '.join(lifecycle)}")

@@ -33,6 +33,7 @@ from kernel.exceptions import (
 )
 from kernel.plugins import hookspecs, loader
 from kernel.plugins.specs import (
+    CAPABILITY_KINDS,
     BackendSpec,
     PoolSpec,
     SerializerSpec,
@@ -342,16 +343,7 @@ class PluginManager:
     def describe(self) -> list[PluginInfo]:
         """Every registered plugin with its origin, hooks and capabilities."""
         by_plugin: dict[str, list[str]] = {}
-        for kind in (
-            "transports",
-            "result_backends",
-            "serializers",
-            "compressors",
-            "pools",
-            "schedulers",
-            "control_commands",
-            "worker_components",
-        ):
+        for kind in CAPABILITY_KINDS:
             for spec, plugin_name in self._collect(kind).values():
                 label = f"{kind[:-1].replace('_', ' ')}:{spec.name}"
                 if label not in by_plugin.setdefault(plugin_name, []):
