@@ -22,7 +22,7 @@ lint: $(UV)
 	$(UVRUN) ruff format --check .
 
 docs: $(UV)  ## regenerate the configuration reference from the settings class
-	$(UVRUN) python -m kernel.config > docs/configuration.md
+	$(UVRUN) python -c "from kernel.config import reference_markdown as r; print(r(), end='')" > docs/configuration.md
 
 bootstrap: $(UV)
 

@@ -112,6 +112,7 @@ class App:
         self._backend: Any = None
         self._serialization: Serialization | None = None
         self._local = threading.local()
+        self._route_entities: dict[tuple, tuple[Exchange, Queue]] = {}
 
     # ----------------------------------------------------------------- set-up
 
@@ -288,9 +289,14 @@ class App:
         soft_time_limit: float | None = None,
         retries: int = 0,
         task_routing: dict | None = None,
+        declare: bool = True,
         **options: Any,
     ) -> AsyncResult:
-        """Send a task by name (its code need not be importable here)."""
+        """Send a task by name (its code need not be importable here).
+
+        ``declare=False`` publishes to the route's exchange and routing key without
+        declaring a queue (retries use it to go back where the message came from).
+        """
         self.finalize()
         unknown = set(options) - {
             "queue",
@@ -330,6 +336,10 @@ class App:
             parent.children.append([[task_id, None], None])
         if ignore_result is None:
             ignore_result = self.conf.task_ignore_result
+        if time_limit is None:
+            time_limit = self.conf.task_time_limit
+        if soft_time_limit is None:
+            soft_time_limit = self.conf.task_soft_time_limit
         extra_headers = dict(headers or {})
         if eta_at is not None and "delayed_delivery" in self.broker_features():
             extra_headers[protocol.DELIVER_AT_HEADER] = eta_at.timestamp()
@@ -363,8 +373,24 @@ class App:
             route,
             serializer or self.conf.task_serializer,
             compression or self.conf.task_compression,
+            declare,
         )
         return AsyncResult(task_id, self, task_name=name)
+
+    def _entities(self, route: dict) -> tuple[Exchange, Queue]:
+        """The kombu exchange and queue of a route, built once per distinct route."""
+        key = (
+            route["queue"],
+            route["exchange"],
+            route["routing_key"],
+            route.get("exchange_type") or "direct",
+        )
+        entities = self._route_entities.get(key)
+        if entities is None:
+            exchange = Exchange(key[1], type=key[3])
+            entities = (exchange, Queue(key[0], exchange, routing_key=key[2]))
+            self._route_entities[key] = entities
+        return entities
 
     def _publish(
         self,
@@ -373,11 +399,10 @@ class App:
         route: dict,
         serializer: str,
         compression: str | None,
+        declare: bool = True,
     ) -> None:
         self.serialization.serializer_spec(serializer)  # clear error for unknown names
-        queue_name = route["queue"]
-        exchange = Exchange(route["exchange"], type=route.get("exchange_type") or "direct")
-        queue = Queue(queue_name, exchange, routing_key=route["routing_key"])
+        exchange, queue = self._entities(route)
         self.plugins.hook.kernel_before_task_publish(
             app=self,
             name=name,
@@ -395,7 +420,7 @@ class App:
             compression=compression,
             headers=message.headers,
             priority=route.get("priority"),
-            declare=[queue],
+            declare=[queue] if declare else [],
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
             **message.properties,

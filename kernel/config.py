@@ -89,14 +89,12 @@ class Settings:
         factory=lambda: ["json"],
     )
     task_compression: str | None = setting(None, "Compression for task messages (e.g. 'zlib').")
-    task_protocol: int = setting(2, "Message protocol version; only Celery's v2 is supported.")
 
     # ----------------------------------------------------------- routing
     task_default_queue: str = setting("celery", "Queue for tasks without a route (Celery's name).")
     task_default_exchange: str | None = setting(
         None, "Exchange for tasks without a route; None means the queue's name."
     )
-    task_default_exchange_type: str = setting("direct", "Type of the default exchange.")
     task_default_routing_key: str | None = setting(
         None, "Routing key for tasks without a route; None means the queue's name."
     )
@@ -145,14 +143,21 @@ class Settings:
     task_store_errors_even_if_ignored: bool = setting(
         False, "Store failures of tasks that ignore their results."
     )
-    task_time_limit: float | None = setting(None, "Hard time limit in seconds (issue 3).")
-    task_soft_time_limit: float | None = setting(None, "Soft time limit in seconds (issue 3).")
+    task_time_limit: float | None = setting(
+        None,
+        "Default hard time limit in seconds, sent in each message's `timelimit` header. "
+        "No builtin pool enforces it yet: the worker says so at start-up.",
+    )
+    task_soft_time_limit: float | None = setting(
+        None, "Default soft time limit in seconds, sent like `task_time_limit`; not yet enforced."
+    )
     timezone: str = setting("UTC", "Time zone for naive datetimes given as `eta`.")
-    enable_utc: bool = setting(True, "Send times in UTC.")
 
     # ----------------------------------------------------------- worker
     worker_concurrency: int | None = setting(
-        None, "Number of pool processes or threads; None means the CPU count."
+        None,
+        "Number of pool processes or threads; None means the pool's default (prefork: CPU "
+        "count, threads: 4 x CPU count, solo: 1).",
     )
     worker_pool: str = setting("prefork", "Pool: solo, threads, prefork, or a plugin's.")
     worker_prefetch_multiplier: int = setting(
@@ -162,9 +167,6 @@ class Settings:
         60.0,
         "Seconds a warm shutdown waits for running tasks before it turns cold; their "
         "messages are then returned to the queue, never lost.",
-    )
-    worker_hijack_root_logger: bool = setting(
-        True, "Let `kernel worker` configure the root logger."
     )
     imports: list = setting(
         None,
@@ -232,7 +234,7 @@ class Settings:
             raw = env.get(f"KERNEL_{field.name.upper()}")
             if raw is None:
                 continue
-            setattr(self, field.name, _parse_env_value(raw, field.default))
+            setattr(self, field.name, _parse_env_value(raw, field))
 
     def __getitem__(self, name: str) -> Any:
         return getattr(self, name)
@@ -241,8 +243,11 @@ class Settings:
         return getattr(self, name, default)
 
 
-def _parse_env_value(raw: str, default: Any) -> Any:
-    if isinstance(default, str) or default is None and raw[:1] not in "[{0123456789-tfn":
+def _parse_env_value(raw: str, field: Any) -> Any:
+    """JSON for non-string settings; ``none``/``null`` unsets settings that allow None."""
+    if raw.strip().lower() in ("none", "null") and "None" in str(field.type):
+        return None
+    if isinstance(field.default, str):
         return raw
     try:
         return json.loads(raw)
@@ -261,7 +266,7 @@ def reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `kernel/config.py` by `python -m kernel.config`. Set values with",
+        "Generated from `kernel/config.py` by `make docs`. Set values with",
         "`app.conf.update(name=value)`, `app.conf.config_from_object('module')`, or",
         "environment variables `KERNEL_<NAME>` (JSON values are parsed: "
         "`KERNEL_WORKER_CONCURRENCY=4`).",
@@ -272,9 +277,6 @@ def reference_markdown() -> str:
     defaults = Settings()
     for field in attrs.fields(Settings):
         default = getattr(defaults, field.name)
-        lines.append(f"| `{field.name}` | `{default!r}` | {field.metadata['doc']} |")
+        doc = field.metadata["doc"].replace("|", "\\|")
+        lines.append(f"| `{field.name}` | `{default!r}` | {doc} |")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # pragma: no cover - documentation generator
-    print(reference_markdown(), end="")

@@ -85,6 +85,13 @@ class RemoteException(KernelError):
         return f"{origin}: {self.message}"
 
 
+class ColdShutdown(BaseException):
+    """Raised in a solo worker's main thread by a second signal to stop its task at once.
+
+    A BaseException so task code catching ``Exception`` cannot swallow it.
+    """
+
+
 class Reject(KernelError):
     """Raised by a task to reject its message (``requeue=True`` puts it back)."""
 

@@ -8,7 +8,9 @@ properties, headers, and a body ``(args, kwargs, embed)`` where ``embed`` holds
 
 from __future__ import annotations
 
+import functools
 import os
+import reprlib
 import socket
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -27,13 +29,24 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"
 REPR_LIMIT = 1024
 
 
+@functools.cache
+def _hostname() -> str:
+    return socket.gethostname()
+
+
 def origin() -> str:
     """``gen<pid>@<host>``, the node name Celery puts in the ``origin`` header."""
-    return f"gen{os.getpid()}@{socket.gethostname()}"
+    return f"gen{os.getpid()}@{_hostname()}"
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = REPR_LIMIT
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = 64
 
 
 def _saferepr(value: Any) -> str:
-    text = repr(value)
+    """A bounded repr: never builds the whole text of a huge argument."""
+    text = _repr.repr(value)
     return text if len(text) <= REPR_LIMIT else text[: REPR_LIMIT - 3] + "..."
 
 

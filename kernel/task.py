@@ -8,7 +8,9 @@ the current execution (Celery's ``self.request`` in bound tasks).
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
+import traceback as traceback_module
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -130,17 +132,23 @@ class Task:
 
     # -- sending --------------------------------------------------------------------------
 
-    def check_arguments(self, args: tuple, kwargs: dict) -> None:
-        """Raise TypeError, before anything is sent, when the call would not bind."""
-        if not self.typing:
-            return
+    @functools.cached_property
+    def _call_signature(self) -> inspect.Signature | None:
+        """The signature callers must match (without ``self`` for bound tasks), computed once."""
         try:
             signature = inspect.signature(self.run)
         except (TypeError, ValueError):  # builtins without signatures
-            return
+            return None
         params = list(signature.parameters.values())
         if self.bind and params:
             signature = signature.replace(parameters=params[1:])
+        return signature
+
+    def check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """Raise TypeError, before anything is sent, when the call would not bind."""
+        signature = self._call_signature if self.typing else None
+        if signature is None:
+            return
         try:
             signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -247,9 +255,32 @@ class Task:
         if request.is_eager:  # apply() runs it again at once with retries + 1
             self.app.plugins.hook.kernel_task_retry(task=self, request=request, reason=exc)
             raise Retry(f"retry {self.name}[{request.id}] eagerly", exc, None)
-        queue = (request.delivery_info or {}).get("routing_key")
-        if queue and "queue" not in options:
-            options["queue"] = queue
+        when = eta if eta is not None else f"in {countdown}s"
+        reason = exc if exc is not None else f"retry requested ({when})"
+        # Store RETRY before sending: a fast retry could otherwise finish first and have
+        # its SUCCESS overwritten by this run's RETRY.
+        ignore = request.ignore_result or bool(self.ignore_result)
+        if not ignore:
+            self.app.backend.store_result(
+                request.id,
+                reason if isinstance(reason, BaseException) else Retry(reason),
+                "RETRY",
+                traceback_module.format_exc() if exc is not None else None,
+                request=request,
+            )
+        info = request.delivery_info or {}
+        if info.get("routing_key") is not None and not any(
+            k in options for k in ("queue", "exchange", "routing_key")
+        ):  # back where it came from, as Celery does: same exchange and routing key
+            options.update(
+                exchange=info.get("exchange") or "",
+                routing_key=info["routing_key"],
+                declare=False,
+                queue=info["routing_key"],
+            )
+        if "priority" not in options and info.get("priority") is not None:
+            options["priority"] = info["priority"]
+        soft, hard = (list(request.timelimit or ()) + [None, None])[:2]
         self.app.send_task(
             self.name,
             call_args,
@@ -258,6 +289,10 @@ class Task:
             retries=request.retries + 1,
             countdown=countdown,
             eta=eta,
+            expires=request.expires,
+            time_limit=hard,
+            soft_time_limit=soft,
+            ignore_result=request.ignore_result or None,
             link=request.callbacks or None,
             link_error=request.errbacks or None,
             root_id=request.root_id,
@@ -265,8 +300,6 @@ class Task:
             group_id=request.group,
             **options,
         )
-        when = eta if eta is not None else f"in {countdown}s"
-        reason = exc if exc is not None else f"retry requested ({when})"
         self.app.plugins.hook.kernel_task_retry(task=self, request=request, reason=reason)
         if throw:
             raise Retry(f"retry {self.name}[{request.id}] {when}: {reason}", exc, when)

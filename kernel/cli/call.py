@@ -72,11 +72,14 @@ def call(
         if v is not None
     }
     task = app.tasks.get(name)
-    result = (
-        task.apply_async(args, kwargs, **options)
-        if task is not None
-        else app.send_task(name, args, kwargs, **options)
-    )
+    try:
+        result = (
+            task.apply_async(args, kwargs, **options)
+            if task is not None
+            else app.send_task(name, args, kwargs, **options)
+        )
+    except TypeError as exc:  # arguments that do not fit the task's signature
+        raise click.UsageError(str(exc)) from exc
     if not wait:
         click.echo(result.id)
         return

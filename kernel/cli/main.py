@@ -8,6 +8,7 @@ as subcommands and every command sees the same plugins.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -131,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
     """Console script ``kernel``."""
     args = list(sys.argv[1:] if argv is None else argv)
     plugins, blocked = scan_plugin_options(args)
+    if os.getcwd() not in sys.path:  # --plugin mymodule and -A proj from this directory
+        sys.path.insert(0, os.getcwd())
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     manager = PluginManager().load(plugins=plugins, blocked=blocked)
     set_default_manager(manager)

@@ -68,6 +68,8 @@ def worker(
     from kernel.worker.worker import Worker
 
     setup_logging(loglevel)
+    if pool:
+        _early_patch(pool)
     app = load_app(ctx)
     if visibility_timeout is not None:
         app.conf.broker_transport_options = {
@@ -87,6 +89,24 @@ def worker(
         raise click.ClickException(str(exc)) from exc
     click.echo(instance.banner())
     instance.start()
+
+
+def _early_patch(pool: str) -> None:
+    """Run a pool's monkey-patching (gevent) before the app and its imports load.
+
+    Only a pool named with -P can patch this early; one chosen by the worker_pool
+    setting is known only after the app is imported.
+    """
+    from kernel.cli.main import KernelGroup
+    from kernel.exceptions import KernelError
+    from kernel.plugins.specs import resolve
+
+    try:
+        spec = KernelGroup.manager.pool(pool) if KernelGroup.manager else None
+    except KernelError as exc:
+        raise click.BadParameter(str(exc), param_hint="-P/--pool") from exc
+    if spec is not None and spec.early_patch is not None:
+        resolve(spec.early_patch)()
 
 
 COMMANDS = [worker]

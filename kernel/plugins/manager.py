@@ -78,6 +78,15 @@ class PluginInfo:
     capabilities: tuple[str, ...]
 
 
+def _kernel_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taskkernel")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return None
+
+
 def _env_list(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
@@ -156,7 +165,9 @@ class PluginManager:
             if isinstance(found, loader.LoadFailure):
                 raise PluginError(f"builtin {found.describe()}")
             short = module_path.rsplit(".", 1)[-1]
-            self.register(found.plugin, f"builtin.{short}", "taskkernel", None, builtin=True)
+            self.register(
+                found.plugin, f"builtin.{short}", "taskkernel", _kernel_version(), builtin=True
+            )
 
     def load_entry_points(self, only: set[str] | None = None) -> None:
         found, failures = loader.entry_points(only)
@@ -204,6 +215,7 @@ class PluginManager:
     def enable_tracing(self) -> None:
         """Log every hook call (``KERNEL_TRACE_PLUGINS=1``)."""
         trace_log = logging.getLogger("kernel.plugins.trace")
+        trace_log.setLevel(logging.INFO)  # shown even when the CLI logs only warnings
 
         def before(hook_name: str, _impls: Any, kwargs: dict) -> None:
             trace_log.info("hook %s(%s)", hook_name, ", ".join(sorted(kwargs)))
@@ -246,14 +258,15 @@ class PluginManager:
         for key in keys:
             if key in table and table[key][1] != plugin_name:
                 owner = table[key][1]
-                what = key.replace(":", " ", 1)
+                label, _, value = key.partition(":")
                 self._fail(
                     loader.LoadFailure(
                         plugin_name,
                         *self._origins.get(plugin_name, (None, None, False))[:2],
                         str(
                             PluginConflict(
-                                f"{kind[:-1].replace('_', ' ')} {what!r} is already provided by "
+                                f"{kind[:-1].replace('_', ' ')} {label} {value!r} is already "
+                                "provided by "
                                 f"plugin {owner!r} ({self._describe_origin(owner)}); "
                                 f"this claim is ignored, remove one of the two plugins "
                                 f"or pass --no-plugin {plugin_name}"
@@ -348,6 +361,15 @@ class PluginManager:
                 label = f"{kind[:-1].replace('_', ' ')}:{spec.name}"
                 if label not in by_plugin.setdefault(plugin_name, []):
                     by_plugin[plugin_name].append(label)
+        for impl in self.pm.hook.kernel_commands.get_hookimpls():
+            try:
+                commands = list(impl.function() or ())
+            except Exception:  # reported when the CLI collects commands
+                continue
+            for command in commands:
+                by_plugin.setdefault(impl.plugin_name, []).append(
+                    f"command:{getattr(command, 'name', command)}"
+                )
         infos = []
         for name, plugin in self.pm.list_name_plugin():
             if plugin is None:

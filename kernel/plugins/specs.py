@@ -50,7 +50,6 @@ class TransportSpec:
     (holds messages until a not-before time), ``priority``, ``fanout``,
     ``delivery_count`` (sets the ``x-delivery-count`` header on redelivery),
     ``cross_process`` (several processes may share it).
-    ``extra`` is the kernel extra that installs it, quoted in error messages.
     """
 
     name: str
@@ -58,7 +57,6 @@ class TransportSpec:
     kombu_transport: Any
     features: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     default_options: dict[str, Any] = attrs.field(factory=dict)
-    extra: str | None = None
 
     def load(self) -> Any:
         return resolve(self.kombu_transport)
@@ -76,7 +74,6 @@ class BackendSpec:
     schemes: tuple[str, ...] = attrs.field(converter=_schemes)
     factory: Any
     features: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
-    extra: str | None = None
 
     def load(self) -> Callable[..., Any]:
         return resolve(self.factory)
@@ -124,7 +121,6 @@ class PoolSpec:
     supports: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     early_patch: Any = None
     default_concurrency: Callable[[], int] | None = None
-    extra: str | None = None
 
     def load(self) -> Callable[..., Any]:
         return resolve(self.factory)

@@ -8,6 +8,7 @@ sees the :class:`Outcome`, which decides how the message is acknowledged.
 from __future__ import annotations
 
 import logging
+import reprlib
 import time
 import traceback as traceback_module
 from typing import Any
@@ -108,8 +109,13 @@ def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcom
     started = time.monotonic()
     if backend is not None and not ignore and _tracks_started(task, app):
         backend.mark_as_started(context.id, {"hostname": context.hostname})
-    hook.kernel_task_prerun(
-        task=task, task_id=context.id, args=context.args, kwargs=context.kwargs, request=context
+    call_hook_safely(
+        hook.kernel_task_prerun,
+        task=task,
+        task_id=context.id,
+        args=context.args,
+        kwargs=context.kwargs,
+        request=context,
     )
     state = states.SUCCESS
     retval: Any = None
@@ -128,15 +134,10 @@ def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcom
         )
     except Ignore:
         state = states.IGNORED
-    except Retry as exc:
+    except Retry as exc:  # task.retry() stored the RETRY state before sending the retry
         state = states.RETRY
-        reason = exc.exc if exc.exc is not None else exc
-        if backend is not None and not ignore:
-            meta = backend.store_result(
-                context.id, reason, states.RETRY, traceback_module.format_exc(), request=context
-            )
         log.info("task %s[%s] will retry: %s", task.name, context.id, exc)
-    except Exception as exc:
+    except Exception as exc:  # SystemExit ends the process running it, as in Celery
         state = states.FAILURE
         text = traceback_module.format_exc()
         retval = exc
@@ -152,7 +153,7 @@ def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcom
             exc,
             extra={"task_name": task.name, "task_id": context.id},
         )
-        _safe_hook(
+        call_hook_safely(
             hook.kernel_task_failure,
             task=task,
             task_id=context.id,
@@ -166,10 +167,10 @@ def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcom
             meta = backend.mark_as_done(context.id, retval, request=context)
         else:
             meta = document.build(context.id, state, retval, children=context.children)
-        _safe_hook(hook.kernel_task_success, task=task, result=retval, request=context)
+        call_hook_safely(hook.kernel_task_success, task=task, result=retval, request=context)
         _send_callbacks(app, context, retval)
     runtime = time.monotonic() - started
-    _safe_hook(
+    call_hook_safely(
         hook.kernel_task_postrun,
         task=task,
         task_id=context.id,
@@ -183,12 +184,15 @@ def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcom
     return Outcome(context.id, task.name, state, runtime, summary, requeue, reject), meta
 
 
+_summary_repr = reprlib.Repr()
+_summary_repr.maxstring = _summary_repr.maxother = 200
+
+
 def _summarise(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
+    return _summary_repr.repr(value)
 
 
-def _safe_hook(hook_caller: Any, **kwargs: Any) -> None:
+def call_hook_safely(hook_caller: Any, **kwargs: Any) -> None:
     """Lifecycle hooks after the task ran must not change its outcome; log their errors."""
     try:
         hook_caller(**kwargs)

@@ -37,7 +37,7 @@ class Job:
 
 
 def run_job(app: Any, job: Job) -> Outcome:
-    """Run one job with ``app``; errors of the kernel itself requeue the message."""
+    """Run one job with ``app``; errors of the kernel itself (not the task's) requeue it."""
     try:
         task = app.get_task(job.decoded.name)
         context = context_for(job.decoded, job.hostname, job.delivery_info)
@@ -45,8 +45,7 @@ def run_job(app: Any, job: Job) -> Outcome:
         return outcome
     except Exception as exc:  # e.g. the result backend is unreachable
         log.exception(
-            "task %s[%s] could not be run or its result not stored; "
-            "its message goes back to the queue",
+            "task %s[%s]: the kernel could not run it or store its result",
             job.decoded.name,
             job.decoded.id,
         )
@@ -57,9 +56,6 @@ def run_job(app: Any, job: Job) -> Outcome:
 
 class Pool:
     """Base class of pools; plugin pools (gevent) subclass it."""
-
-    #: What this pool can enforce; the worker reports the rest at start-up.
-    supports: frozenset[str] = frozenset()
 
     def __init__(self, worker: Any, concurrency: int) -> None:
         self.worker = worker
@@ -112,10 +108,12 @@ class ThreadsPool(Pool):
         self._executor.shutdown(wait=True)
 
     def terminate(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Threads cannot be stopped from outside: wait for the running ones.
 
+        Handing their messages back while they still run would run them twice.
+        """
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
-# ----------------------------------------------------------------------------- prefork
 
 #: The app of this prefork child process, set once by the pool's initializer.
 _child_app: Any = None
@@ -136,8 +134,6 @@ def _child_run(job: Job) -> Outcome:
 class PreforkPool(Pool):
     """Runs tasks in child processes (billiard); a child that dies is replaced."""
 
-    supports = frozenset({"terminate", "max_tasks_per_child"})
-
     def start(self) -> None:
         from billiard.pool import Pool as BilliardPool
 
@@ -152,9 +148,10 @@ class PreforkPool(Pool):
         def succeeded(outcome: Outcome) -> None:
             on_done(outcome, None)
 
-        def failed(error: BaseException) -> None:
-            if type(error).__name__ == "WorkerLostError":  # billiard's class
-                error = WorkerLostError(str(error))
+        def failed(error: Any) -> None:
+            error = getattr(error, "exception", error)  # billiard wraps it in ExceptionInfo
+            if type(error).__name__ == "WorkerLostError":  # billiard's class, not ours
+                error = WorkerLostError(str(error).strip().splitlines()[-1])
             on_done(None, error)
 
         self._pool.apply_async(_child_run, (job,), callback=succeeded, error_callback=failed)

@@ -33,6 +33,8 @@ from kombu import Consumer, Queue
 
 from kernel import states
 from kernel.exceptions import (
+    ColdShutdown,
+    ConfigurationError,
     ContentDisallowed,
     NotRegistered,
     ProtocolError,
@@ -40,16 +42,12 @@ from kernel.exceptions import (
 )
 from kernel.plugins.manager import redact_url as _redact
 from kernel.protocol import DELIVERY_COUNT_HEADER, DecodedTask, decode_task
-from kernel.worker.execute import context_for
+from kernel.worker.execute import call_hook_safely, context_for
 from kernel.worker.pools import Job, Pool
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_REASON_HEADER = "x-dead-letter-reason"
-
-
-class ColdShutdown(BaseException):
-    """Raised in the main thread by a second signal to stop a solo task at once."""
 
 
 def expand_hostname(template: str | None) -> str:
@@ -113,7 +111,27 @@ class Worker:
         self._inflight: dict[str, tuple[Any, DecodedTask]] = {}
         self._components: list[Any] = []
         self.counts = {"succeeded": 0, "failed": 0, "dead_lettered": 0, "requeued": 0}
+        self._report_unsupported_controls()
         self.app.plugins.hook.kernel_worker_init(worker=self)
+
+    def _report_unsupported_controls(self) -> None:
+        """Say once, at start-up, which configured controls this pool cannot enforce."""
+        conf, tasks = self.app.conf, self.app.tasks.values()
+        wanted = {
+            "hard_time_limit": (
+                "hard time limits (time_limit)",
+                conf.task_time_limit or any(t.time_limit for t in tasks),
+            ),
+            "soft_time_limit": (
+                "soft time limits (soft_time_limit)",
+                conf.task_soft_time_limit or any(t.soft_time_limit for t in tasks),
+            ),
+        }
+        for control, (label, configured) in wanted.items():
+            if configured and control not in self.pool_spec.supports:
+                log.warning(
+                    "pool %s does not enforce %s; tasks run without them", self.pool_name, label
+                )
 
     # ----------------------------------------------------------------- control
 
@@ -179,23 +197,33 @@ class Worker:
 
         return f"  (file {os.path.abspath(path_from_url(url))})"
 
-    def _start_components(self) -> None:
-        specs = {spec.name: spec for spec in self.app.plugins.specs("worker_components")}
+    def _component_order(self) -> list[Any]:
+        """Plugin components in an order that honours ``requires``; checked before start."""
+        pending = {spec.name: spec for spec in self.app.plugins.specs("worker_components")}
         started: set[str] = {"pool", "consumer"}
-        pending = dict(specs)
+        order = []
         while pending:
-            ready = [n for n, s in pending.items() if set(s.requires) <= started]
+            ready = sorted(n for n, s in pending.items() if set(s.requires) <= started)
             if not ready:
                 missing = {n: sorted(set(s.requires) - started) for n, s in pending.items()}
-                raise RuntimeError(f"worker components with unmet requirements: {missing}")
-            for name in sorted(ready):
-                component = pending.pop(name).load()(self)
-                component.start()
-                self._components.append(component)
+                raise ConfigurationError(
+                    f"worker components with unmet requirements: {missing}; install the "
+                    "plugins that provide them or remove the components' plugins"
+                )
+            for name in ready:
+                order.append(pending.pop(name))
                 started.add(name)
+        return order
+
+    def _start_components(self, order: list[Any]) -> None:
+        for spec in order:
+            component = spec.load()(self)
+            component.start()
+            self._components.append(component)
 
     def start(self) -> None:
         """Run until stopped; returns after the shutdown finished."""
+        components = self._component_order()
         self._install_signals()
         self.pool = self.pool_spec.load()(self, self.concurrency)
         self.pool.start()
@@ -216,7 +244,7 @@ class Worker:
         )
         consumer.consume()
         self._consumer = consumer
-        self._start_components()
+        self._start_components(components)
         self.app.plugins.hook.kernel_worker_ready(worker=self)
         log.info(
             "worker %s ready: pool %s x%d, queues %s",
@@ -235,12 +263,20 @@ class Worker:
                 cold = not self._drain_inflight(connection)
         except ColdShutdown:
             cold = True
-        except Exception:
+        except BaseException as exc:
             log.exception(
-                "worker %s failed; stopping at once, unfinished messages go back to the queue",
+                "worker %s failed with task(s) %s running; stopping at once, unfinished "
+                "messages go back to the queue",
                 self.hostname,
+                ", ".join(f"{d.name}[{d.id}]" for _m, d in self._inflight.values()) or "none",
             )
             cold = True
+            # The running tasks may be what broke the worker (a task raising SystemExit
+            # in a solo pool): count this as a delivery so it cannot loop for ever.
+            for message, decoded in list(self._inflight.values()):
+                if not message.acknowledged:
+                    self._requeue(message, decoded, f"its worker stopped ({exc!r})")
+            self._inflight.clear()
             raise
         finally:
             self._shutdown(consumer, channel, connection, cold)
@@ -283,11 +319,19 @@ class Worker:
             except Exception:
                 log.exception("worker component %r failed to stop", component)
         if self.pool is not None:
+            if cold and self._inflight and "terminate" not in self.pool_spec.supports:
+                log.warning(
+                    "pool %s cannot stop running tasks; waiting for %d of them to finish "
+                    "(SIGKILL abandons them: their messages come back after the broker's "
+                    "visibility timeout)",
+                    self.pool_name,
+                    len(self._inflight),
+                )
             if cold:
                 self.pool.terminate()
             else:
                 self.pool.stop()
-        self._complete_finished()
+        self._complete_finished(cold_shutdown=cold)
         returned = len(self._reserved) + len(self._scheduled) + len(self._inflight)
         try:
             consumer.cancel()
@@ -314,7 +358,9 @@ class Worker:
             )
         else:
             reason = f"body could not be decoded: {type(exc).__name__}: {exc}"
-        self._reject_bad(message, reason)
+        headers = message.headers or {}
+        task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
+        self._reject_bad(message, reason, task_id, ContentDisallowed(reason) if task_id else None)
 
     def _reject_bad(
         self,
@@ -367,6 +413,19 @@ class Worker:
 
     def _on_message(self, body: Any, message: Any) -> None:
         try:
+            self._receive(body, message)
+        except Exception:  # a failure here must not stop the worker, nor lose the message
+            headers = message.headers or {}
+            log.exception(
+                "could not take task %s[%s]; returning it to the queue",
+                headers.get("task", "?"),
+                headers.get("id", "?"),
+            )
+            if not message.acknowledged:
+                message.reject(requeue=True)
+
+    def _receive(self, body: Any, message: Any) -> None:
+        try:
             decoded = decode_task(message.headers, message.properties, body)
         except ProtocolError as exc:
             self._reject_bad(message, str(exc))
@@ -386,28 +445,14 @@ class Worker:
         if max_deliveries and decoded.delivery_count >= max_deliveries:
             error = WorkerLostError(
                 f"task {decoded.name}[{decoded.id}] was delivered {decoded.delivery_count} "
-                f"times and each time the worker running it was lost (task_max_deliveries="
-                f"{max_deliveries}); its message is in queue "
+                "times without finishing (its worker died, it was requeued after an error, "
+                f"or it rejected itself with requeue=True); task_max_deliveries="
+                f"{max_deliveries}; its message is in queue "
                 f"{self.app.conf.task_dead_letter_queue}"
             )
             self._reject_bad(message, str(error), decoded.id, error)
             return
-        if decoded.expires is not None and decoded.expires <= datetime.now(timezone.utc):
-            log.warning(
-                "task %s[%s] expired at %s; not run",
-                decoded.name,
-                decoded.id,
-                decoded.expires.isoformat(),
-            )
-            self.app.backend.mark_as_revoked(decoded.id, "expired")
-            request = context_for(decoded, self.hostname, message.delivery_info)
-            self.app.plugins.hook.kernel_task_revoked(
-                task=self.app.tasks[decoded.name],
-                request=request,
-                terminated=False,
-                expired=True,
-            )
-            message.ack()
+        if self._expired(message, decoded):
             return
         if decoded.eta is not None:
             delay = decoded.eta.timestamp() - time.time()
@@ -433,6 +478,28 @@ class Worker:
         self._eta_held += change
         self._consumer.qos(prefetch_count=self.prefetch_count + self._eta_held)
 
+    def _expired(self, message: Any, decoded: DecodedTask) -> bool:
+        """Revoke (and ack) a task past its ``expires``; checked on receipt and dispatch."""
+        if decoded.expires is None or decoded.expires > datetime.now(timezone.utc):
+            return False
+        log.warning(
+            "task %s[%s] expired at %s; not run",
+            decoded.name,
+            decoded.id,
+            decoded.expires.isoformat(),
+        )
+        self.app.backend.mark_as_revoked(decoded.id, "expired")
+        request = context_for(decoded, self.hostname, message.delivery_info)
+        call_hook_safely(
+            self.app.plugins.hook.kernel_task_revoked,
+            task=self.app.tasks[decoded.name],
+            request=request,
+            terminated=False,
+            expired=True,
+        )
+        message.ack()
+        return True
+
     def _release_scheduled(self) -> None:
         now = time.time()
         while self._scheduled and self._scheduled[0][0] <= now:
@@ -450,6 +517,8 @@ class Worker:
         assert self.pool is not None
         while self._reserved and len(self._inflight) < self.pool.limit and self._stop_mode is None:
             message, decoded = self._reserved.popleft()
+            if self._expired(message, decoded):
+                continue
             if not self._acks_late(decoded.name):
                 message.ack()
             tag = message.delivery_tag
@@ -468,16 +537,36 @@ class Worker:
         self._complete(*item)
         self._complete_finished()
 
-    def _complete_finished(self) -> None:
+    def _complete_finished(self, cold_shutdown: bool = False) -> None:
         while True:
             try:
-                item = self._completed.get_nowait()
+                tag, outcome, error = self._completed.get_nowait()
             except queue_module.Empty:
                 return
-            self._complete(*item)
+            if cold_shutdown and error is not None:
+                continue  # stopped by us: closing the channel returns it, not counted
+            self._complete(tag, outcome, error)
 
     def _complete(self, tag: str, outcome: Any, error: BaseException | None) -> None:
-        message, decoded = self._inflight.pop(tag)
+        entry = self._inflight.pop(tag, None)
+        if entry is None:  # already returned to the broker by a failing shutdown
+            return
+        message, decoded = entry
+        try:
+            self._settle(message, decoded, outcome, error)
+        except Exception:
+            log.exception(
+                "task %s[%s]: could not settle its message; returning it to the queue",
+                decoded.name,
+                decoded.id,
+            )
+            if not message.acknowledged:
+                message.reject(requeue=True)
+
+    def _settle(
+        self, message: Any, decoded: DecodedTask, outcome: Any, error: BaseException | None
+    ) -> None:
+        """Ack, requeue or fail one finished message, in the worker's thread."""
         if error is not None:
             self._on_lost(message, decoded, error)
             return
@@ -493,11 +582,19 @@ class Worker:
         elif outcome.state == states.FAILURE:
             self.counts["failed"] += 1
         if message.acknowledged:
+            if outcome.requeue:  # acks_late=False: the message is gone, say so
+                log.error(
+                    "task %s[%s] was acknowledged before it ran (acks_late=False) and its "
+                    "result could not be stored; it is lost. Use acks_late=True to have it "
+                    "retried when that happens",
+                    decoded.name,
+                    decoded.id,
+                )
             return
-        if outcome.reject or outcome.requeue:
-            if outcome.requeue:
-                self.counts["requeued"] += 1
-            message.reject(requeue=outcome.requeue)
+        if outcome.requeue:
+            self._requeue(message, decoded, f"requeued ({outcome.summary})")
+        elif outcome.reject:
+            self._dead_letter(message, "the task rejected its message (Reject, requeue=False)")
         else:
             message.ack()
 
@@ -518,13 +615,16 @@ class Worker:
             if not message.acknowledged:
                 message.ack()
             return
+        self._requeue(message, decoded, f"the process running it died ({error})")
+
+    def _requeue(self, message: Any, decoded: DecodedTask, reason: str) -> None:
+        """Return a message for another attempt, counted against ``task_max_deliveries``."""
         attempt = decoded.delivery_count + 1
         log.warning(
-            "task %s[%s]: the process running it died (%s); returning it to the "
-            "queue (delivery %d of at most %d)",
+            "task %s[%s]: %s; returning it to the queue (delivery %d of at most %d)",
             decoded.name,
             decoded.id,
-            error,
+            reason,
             attempt,
             self.app.conf.task_max_deliveries,
         )

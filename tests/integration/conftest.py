@@ -52,9 +52,11 @@ class WorkerProcess:
 
     def wait_ready(self) -> WorkerProcess:
         def ready() -> bool:
+            if " ready: " in self.log():  # it may already have finished, that is fine
+                return True
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            return " ready: " in self.log()
+            return False
 
         wait_until(ready, START_TIMEOUT, "the worker to be ready")
         return self

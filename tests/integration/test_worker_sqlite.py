@@ -91,6 +91,7 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_going(broker:
         dead = connection.SimpleQueue(broker.app.conf.task_dead_letter_queue)
         assert dead.qsize() == 4
         dead.close()
+    assert broker.app.AsyncResult("x3").state == "FAILURE"  # the client is told why
 
 
 def test_many_tasks_from_several_producers_are_each_run_exactly_once(broker: Broker):
@@ -167,6 +168,7 @@ def test_task_whose_process_keeps_dying_is_dead_lettered_after_max_deliveries(br
     with pytest.raises(WorkerLostError, match="delivered 3 times"):
         result.get(timeout=60)
     assert len([r for r in broker.records() if r.startswith("die")]) == 3
+    assert "Traceback" not in str(result.result)  # one clear line, not billiard's traceback
     assert broker.app.send_task("itasks.add", (1, 2)).get(timeout=20) == 3
     assert "returning it to the queue" in worker.log()
 
@@ -205,3 +207,36 @@ def test_reject_on_worker_lost_false_marks_the_task_failed_at_once(broker: Broke
     with pytest.raises(WorkerLostError, match="the process running it died"):
         result.get(timeout=30)
     assert len([r for r in broker.records() if r.startswith("die-once")]) == 1
+
+
+def test_cold_shutdown_of_a_threads_worker_waits_instead_of_running_the_task_twice(
+    broker: Broker,
+):
+    worker = broker.worker("-P", "threads", "-c", "2")
+    result = broker.app.send_task("itasks.slow_record", ("threaded", 2.0))
+    wait_until(
+        lambda: any(r.startswith("start threaded") for r in broker.records()),
+        20,
+        "the task to start",
+    )
+    worker.signal(signal.SIGTERM)
+    wait_until(lambda: "warm shutdown" in worker.log(), 10, "the warm shutdown to begin")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit(30) == 0
+    assert "cannot stop running tasks" in worker.log()
+    assert result.get(timeout=10) == "threaded"
+    broker.worker("-P", "solo")  # nothing was handed back, so nothing runs again
+    assert broker.app.send_task("itasks.add", (1, 1)).get(timeout=20) == 2
+    assert len([r for r in broker.records() if r.startswith("start threaded")]) == 1
+
+
+def test_task_raising_system_exit_stops_solo_workers_a_bounded_number_of_times(broker: Broker):
+    result = broker.app.send_task("itasks.exit_process")
+    for _ in range(3):
+        worker = broker.worker("-P", "solo")
+        worker.wait_exit(30)
+        assert "its worker stopped" in worker.log()
+    broker.worker("-P", "solo")
+    with pytest.raises(WorkerLostError, match="delivered 3 times"):
+        result.get(timeout=30)
+    assert len([r for r in broker.records() if r.startswith("exit")]) == 3

@@ -223,3 +223,23 @@ def test_find_app_explains_what_is_missing(project):
         find_app(name)
     with pytest.raises(click.UsageError, match="no module or attribute"):
         find_app("surely_not_a_module_xyz")
+
+
+def test_call_with_arguments_that_do_not_fit_is_a_usage_error(
+    capsys, url, monkeypatch, tmp_path, project
+):
+    root, name = project
+    write(
+        root / f"{name}.py",
+        f"from kernel import App\napp = App('x', broker={url!r})\n"
+        "@app.task(name='x.add')\ndef add(a, b):\n    return a + b\n",
+    )
+    code, _, err = run(capsys, "-A", name, "call", "x.add", "--args", "[1]")
+    assert code == 2
+    assert "missing a required argument: 'b'" in err and "Traceback" not in err
+
+
+def test_plugins_lists_the_commands_a_plugin_adds(capsys):
+    code, out, _ = run(capsys, "plugins")
+    assert code == 0
+    assert "command:hello" in out

@@ -53,7 +53,6 @@ def test_defaults_keep_celery_values_where_meaning_matches():
     assert conf.result_serializer == "json"
     assert conf.accept_content == ["json"]
     assert conf.result_expires == 86400.0
-    assert conf.task_protocol == 2
     assert conf.worker_prefetch_multiplier == 4
     assert conf.timezone == "UTC"
 
@@ -292,3 +291,11 @@ def test_result_expires_rejects_other_types_with_a_clear_error():
 def test_misspelled_setting_in_a_dict_warns_even_when_its_value_is_a_function():
     with pytest.warns(UserWarning, match="did you mean 'task_routes'"):
         Settings().config_from_object({"task_route": lambda *a: None})
+
+
+def test_optional_setting_can_be_unset_from_the_environment():
+    settings = Settings()
+    settings.from_environ({"KERNEL_RESULT_BACKEND": "none"})
+    assert settings.result_backend is None
+    settings.from_environ({"KERNEL_BROKER_URL": "none"})  # not optional: kept as text
+    assert settings.broker_url == "none"

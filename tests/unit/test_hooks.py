@@ -305,3 +305,54 @@ def test_every_hook_is_implemented_by_code_the_suite_runs(hook):
     assert any(f"def {hook}(" in path.read_text() for path in places), (
         f"nothing the test suite runs implements {hook}"
     )
+
+
+def test_a_raising_prerun_or_revoked_hook_does_not_stop_tasks_or_the_worker(recorder_app):
+    app, _ = recorder_app
+
+    class Broken:
+        @hookimpl
+        def kernel_task_prerun(self, task, task_id, args, kwargs, request):
+            raise RuntimeError("prerun plugin bug")
+
+        @hookimpl
+        def kernel_task_revoked(self, task, request, terminated, expired):
+            raise RuntimeError("revoked plugin bug")
+
+    app.plugins.register(Broken(), "broken")
+
+    @app.task
+    def echo(value):
+        return value
+
+    expired = echo.apply_async(("late",), expires=0.01)
+    time.sleep(0.05)
+    worker, thread = start_worker(app)
+    try:
+        assert echo.delay("ran").get(timeout=10) == "ran"
+        deadline = time.monotonic() + 10
+        while expired.state != "REVOKED" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert expired.state == "REVOKED"
+        assert thread.is_alive()
+    finally:
+        stop_worker(worker, thread)
+
+
+def test_component_with_unmet_requirement_fails_before_the_worker_starts(recorder_app):
+    from kernel.exceptions import ConfigurationError
+    from kernel.worker.worker import Worker
+
+    app, recorder = recorder_app
+
+    class Needy:
+        @hookimpl
+        def kernel_worker_components(self):
+            return [ComponentSpec("exporter", object, requires=["metrics-server"])]
+
+    app.plugins.register(Needy(), "needy")
+    worker = Worker(app, pool="solo", install_signal_handlers=False)
+    with pytest.raises(ConfigurationError, match="metrics-server"):
+        worker.start()
+    assert worker.pool is None  # nothing was started
+    assert "worker_ready" not in recorder.names()

@@ -330,3 +330,103 @@ def test_worker_counts_succeeded_and_failed_tasks(tasks, kernel_worker):
         tasks.fail.delay("x").get(timeout=TIMEOUT)
     assert wait_until(lambda: kernel_worker.counts["failed"] == 1)
     assert kernel_worker.counts["succeeded"] == 1
+
+
+def test_task_rejecting_itself_without_requeue_is_dead_lettered(kernel_app, kernel_worker):
+    from kombu import Connection
+
+    from kernel.exceptions import Reject
+
+    @kernel_app.task
+    def refuse():
+        raise Reject("not today", requeue=False)
+
+    refuse.delay()
+    with Connection("memory://") as connection:
+        dead = connection.SimpleQueue(kernel_app.conf.task_dead_letter_queue)
+        message = dead.get(timeout=10)
+        assert "Reject" in message.headers["x-dead-letter-reason"]
+        message.ack()
+        dead.close()
+
+
+def test_task_that_expires_while_reserved_is_revoked_not_run(kernel_app, kernel_worker):
+    import time as time_module
+
+    ran = []
+
+    @kernel_app.task
+    def slow():
+        time_module.sleep(0.5)
+
+    @kernel_app.task
+    def quick():
+        ran.append(1)
+
+    blocker = slow.delay()
+    late = quick.apply_async(expires=0.2)  # reserved behind the slow task, expires meanwhile
+    blocker.get(timeout=10)
+    deadline = time_module.monotonic() + 10
+    while late.state != "REVOKED" and time_module.monotonic() < deadline:
+        time_module.sleep(0.02)
+    assert late.state == "REVOKED"
+    assert ran == []
+
+
+def test_retry_goes_back_to_the_queue_it_was_routed_to(kernel_app):
+    from kernel.testing.pytest_plugin import start_worker, stop_worker
+
+    kernel_app.conf.task_routes = {"*.bounce": {"queue": "bounces", "routing_key": "rk.bounce"}}
+    seen = []
+
+    @kernel_app.task(bind=True, name="routed.bounce", max_retries=2)
+    def bounce(self):
+        seen.append(self.request.retries)
+        if self.request.retries < 2:
+            raise self.retry(countdown=0)
+        return "done"
+
+    worker, thread = start_worker(kernel_app, queues=["bounces"])
+    try:
+        assert bounce.delay().get(timeout=10) == "done"
+    finally:
+        stop_worker(worker, thread)
+    assert seen == [0, 1, 2]
+
+
+def test_retry_state_is_stored_before_the_retry_is_sent(kernel_app, kernel_worker):
+    from kernel import hookimpl
+
+    states_at_publish = []
+
+    class Watch:
+        @hookimpl
+        def kernel_before_task_publish(self, app, name, body, headers, properties, routing):
+            if headers.get("retries"):
+                states_at_publish.append(app.AsyncResult(headers["id"]).state)
+
+    kernel_app.plugins.register(Watch(), f"watch-{id(kernel_app)}")
+
+    @kernel_app.task(bind=True, max_retries=1)
+    def once_more(self):
+        if not self.request.retries:
+            raise self.retry(countdown=0)
+        return "ok"
+
+    try:
+        assert once_more.delay().get(timeout=10) == "ok"
+    finally:
+        kernel_app.plugins.pm.unregister(name=f"watch-{id(kernel_app)}")
+    assert states_at_publish == ["RETRY"]
+
+
+def test_worker_says_at_start_up_that_its_pool_does_not_enforce_time_limits(kernel_app, caplog):
+    from kernel.worker.worker import Worker
+
+    kernel_app.conf.task_time_limit = 30
+    with caplog.at_level("WARNING", logger="kernel.worker.worker"):
+        Worker(kernel_app, pool="threads", install_signal_handlers=False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "pool threads does not enforce hard time limits (time_limit); tasks run without them"
+    ]

@@ -14,7 +14,10 @@ def cpu_count() -> int:
 def kernel_pools():
     return [
         PoolSpec(
-            name="solo", factory="kernel.worker.pools:SoloPool", default_concurrency=lambda: 1
+            name="solo",
+            factory="kernel.worker.pools:SoloPool",
+            supports={"terminate"},  # a second signal interrupts the running task
+            default_concurrency=lambda: 1,
         ),
         PoolSpec(
             name="threads",

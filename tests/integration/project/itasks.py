@@ -62,3 +62,9 @@ def die():
 def die_without_requeue():
     _record(f"die-once {os.getpid()}")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task
+def exit_process():
+    _record(f"exit {os.getpid()}")
+    raise SystemExit(3)
