@@ -430,3 +430,34 @@ def test_worker_says_at_start_up_that_its_pool_does_not_enforce_time_limits(kern
     assert lines == [
         "pool threads does not enforce hard time limits (time_limit); tasks run without them"
     ]
+
+
+def test_compressed_message_runs_and_returns_its_result(kernel_app, kernel_worker):
+    @kernel_app.task
+    def echo(text):
+        return text
+
+    assert echo.apply_async(("x" * 5000,), compression="zlib").get(timeout=10) == "x" * 5000
+
+
+def test_pickle_message_is_refused_unless_accept_content_allows_it(kernel_app):
+    from kernel.testing.pytest_plugin import start_worker, stop_worker
+
+    @kernel_app.task
+    def echo(value):
+        return value
+
+    worker, thread = start_worker(kernel_app)
+    try:
+        refused = echo.apply_async(({"a": 1},), serializer="pickle")
+        assert refused.get(timeout=10, propagate=False) is not None
+        assert refused.state == "FAILURE"
+        assert "not accepted" in str(refused.result)
+    finally:
+        stop_worker(worker, thread)
+    kernel_app.conf.accept_content = ["json", "pickle"]
+    worker, thread = start_worker(kernel_app)
+    try:
+        assert echo.apply_async(({"a": 1},), serializer="pickle").get(timeout=10) == {"a": 1}
+    finally:
+        stop_worker(worker, thread)
