@@ -367,3 +367,127 @@ def test_undecodable_row_is_skipped_with_warning_and_next_message_delivered(
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT id FROM kernel_dead_messages").fetchall() == [(bad_id,)]
     message.ack()
+
+
+# -- claims stay cheap -------------------------------------------------------------------
+
+
+def explain(db, statements):
+    """The EXPLAIN QUERY PLAN details of the queries among traced ``statements``."""
+    queries = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert queries, f"no query traced among {statements}"
+    return [row[3] for sql in queries for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+
+
+class VMSteps:
+    """Counts the SQLite virtual machine instructions a connection runs: work, not time."""
+
+    def __init__(self, db):
+        self.db, self.count = db, 0
+
+    def __enter__(self):
+        self.db.set_progress_handler(self._step, 1)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.db.set_progress_handler(None, 1)
+
+    def _step(self):
+        self.count += 1
+
+
+def test_ready_message_is_found_among_20000_delayed_and_leased_rows_through_the_index(connect):
+    queue = make_queue()
+    connection = connect()
+    queue(connection.default_channel).declare()
+    db = connection.transport.database.connection()
+    now = time.time()
+    with connection.transport.database.transaction() as writer:
+        writer.executemany(
+            "INSERT INTO kernel_messages (queue, priority, deliver_at, payload, created_at, "
+            "lease_owner, lease_until) VALUES ('work', ?, ?, '{\"properties\": {}}', ?, ?, ?)",
+            [(9, now + 3600, now, None, None)] * 20000  # delayed, at a higher priority
+            + [(0, now - 1, now, "someone else", now + 3600)] * 1000,  # held elsewhere
+        )
+    statements = []
+    db.set_trace_callback(statements.append)
+    try:
+        with VMSteps(db) as empty_poll:
+            assert get(connection, queue, timeout=0) is None
+        publish(connection, queue, "ready")
+        with VMSteps(db) as claim:
+            message = get(connection, queue, timeout=0)
+    finally:
+        db.set_trace_callback(None)
+
+    assert message is not None and message.payload == "ready"
+    message.ack()
+    # Reading the 21000 rows it must skip would take over 100000 instructions.
+    assert empty_poll.count < 2000
+    assert claim.count < 2000
+    plan = explain(db, statements)
+    assert any("USING INDEX kernel_messages_visible" in detail for detail in plan), plan
+    # Only the one-row ``level`` subquery is scanned, never a table.
+    assert {d for d in plan if d.startswith("SCAN")} <= {"SCAN level", "SCAN CONSTANT ROW"}, plan
+
+
+def test_version_1_database_is_migrated_in_place_and_keeps_its_messages(connect, tmp_path):
+    queue = make_queue()
+    holder = connect()
+    publish(holder, queue, "held")
+    assert get(holder, queue).payload == "held"
+    publish(holder, queue, "later", headers={"x-deliver-at": time.time() + 3600})
+    publish(holder, queue, "ready")
+    path = tmp_path / "broker.db"
+
+    def make_version_1():
+        with sqlite3.connect(path) as db:  # what version 1 of the transport left behind
+            db.executescript(
+                "DROP INDEX kernel_messages_visible;"
+                "CREATE INDEX kernel_messages_claim ON kernel_messages (queue, priority DESC, id);"
+                "UPDATE kernel_schema SET version = 1 WHERE component = 'transport';"
+            )
+
+    make_version_1()
+    message = get(connect(), queue)
+    assert message.payload == "ready"
+    assert get(connect(), queue, timeout=0.2) is None  # neither "held" nor "later"
+
+    make_version_1()
+    connect()  # migrating twice, as racing processes may, is harmless
+    with sqlite3.connect(path) as db:
+        version = db.execute("SELECT version FROM kernel_schema WHERE component = 'transport'")
+        assert version.fetchone() == (2,)
+        indexes = {
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+    assert "kernel_messages_visible" in indexes
+    assert "kernel_messages_claim" not in indexes
+    message.ack()
+
+
+# -- publishing --------------------------------------------------------------------------
+
+
+def test_binding_added_by_another_connection_routes_the_next_publish(connect):
+    publishing, declaring = connect(), connect()
+    first = Queue("first", Exchange("tasks", "direct"), routing_key="key")
+    second = Queue("second", Exchange("tasks", "direct"), routing_key="key")
+    publish(publishing, first, "one")
+    second(declaring.default_channel).declare()
+    publish(publishing, first, "two")
+
+    assert [get(publishing, first).payload for _ in range(2)] == ["one", "two"]
+    assert get(publishing, second).payload == "two"
+    assert get(publishing, second, timeout=0.2) is None
+
+
+def test_unroutable_direct_publish_goes_to_the_dead_letter_queue(connect):
+    connection = connect(deadletter_queue="undeliverable")
+    exchange = Exchange("tasks", "direct")
+    exchange(connection.default_channel).declare()
+    with pytest.warns(UserWarning, match="No queues bound"):
+        connection.Producer(serializer="json").publish(
+            "lost", exchange=exchange, routing_key="nobody"
+        )
+    assert get(connection, Queue("undeliverable"), timeout=1).payload == "lost"

@@ -6,7 +6,9 @@ Features
 * Supports Direct: Yes
 * Supports Topic: Yes
 * Supports Fanout: Yes (bindings live in the database, so every process sees them)
-* Supports Priority: Yes (a higher number is delivered first, as in RabbitMQ)
+* Supports Priority: Yes (a higher number is delivered first, as in RabbitMQ); within
+  one priority, messages go out in the order they became deliverable: publish time,
+  ``x-deliver-at`` for a delayed message, lease expiry for one whose consumer died
 * Supports TTL: No
 * Delayed delivery: Yes (header ``x-deliver-at``: epoch seconds; the message stays
   invisible until then)
@@ -48,6 +50,7 @@ from queue import Empty
 from typing import Any
 
 from kombu.transport import virtual
+from kombu.transport.virtual.exchange import DirectExchange as VirtualDirectExchange
 from kombu.utils.json import dumps, loads
 
 from kernel.exceptions import ConfigurationError
@@ -62,13 +65,25 @@ logger = logging.getLogger(__name__)
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_POLLING_INTERVAL = 0.05
 
-#: Version of the tables below, recorded in ``kernel_schema``.
-SCHEMA_VERSION = 1
+#: Version of the tables below, recorded in ``kernel_schema``. 2: claims use the
+#: ``kernel_messages_visible`` index instead of ``kernel_messages_claim``.
+SCHEMA_VERSION = 2
 
 #: Claims one poll tries before leaving a hotly contested queue to the next poll.
 CLAIM_ATTEMPTS = 20
 
-SCHEMA = """
+#: When a row may be claimed: once it is due and no consumer holds a lease on it. An
+#: expression, not a stored column, so that no write can leave it stale and a version 1
+#: table needs no ``ALTER TABLE``; queries must spell it exactly so for SQLite to match
+#: it to the ``kernel_messages_visible`` index.
+VISIBLE_AT = "max(deliver_at, coalesce(lease_until, deliver_at))"
+
+# Every statement is idempotent: ``Database`` runs the script whenever the recorded
+# version differs, possibly in several processes at once, and for a version 1 database
+# (the same table) it is the whole migration. A version 1 process opening the file
+# afterwards rebuilds its index and records version 1, so the next version 2 process
+# drops it again: it works, but upgrade all processes together.
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS kernel_messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL,
@@ -80,8 +95,9 @@ CREATE TABLE IF NOT EXISTS kernel_messages (
     lease_until REAL,
     created_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS kernel_messages_claim
-    ON kernel_messages (queue, priority DESC, id);
+DROP INDEX IF EXISTS kernel_messages_claim;
+CREATE INDEX IF NOT EXISTS kernel_messages_visible
+    ON kernel_messages (queue, priority DESC, {VISIBLE_AT});
 CREATE INDEX IF NOT EXISTS kernel_messages_lease_owner
     ON kernel_messages (lease_owner) WHERE lease_owner IS NOT NULL;
 CREATE TABLE IF NOT EXISTS kernel_queues (
@@ -110,6 +126,28 @@ CREATE TABLE IF NOT EXISTS kernel_dead_messages (
 """
 
 _READY = "queue = ? AND (lease_until IS NULL OR lease_until < ?)"
+
+# The best visible row of the highest priority below ``:below`` that the queue holds, as
+# (that priority, id, payload, delivery_count); id and the rest are NULL when none of
+# the level's rows is visible yet, the priority too when no level is left. Each part is
+# one seek in the index, so delayed and leased rows are never read and a backlog never
+# sorted; ``ORDER BY priority DESC, id`` over all visible rows would have to sort it.
+_CANDIDATE = f"""
+SELECT level.priority, message.id, message.payload, message.delivery_count
+FROM (
+    SELECT max(priority) AS priority FROM kernel_messages
+    WHERE queue = :queue AND priority < :below
+) AS level
+LEFT JOIN kernel_messages AS message ON message.id = (
+    SELECT id FROM kernel_messages
+    WHERE queue = :queue AND priority = level.priority AND {VISIBLE_AT} <= :now
+    ORDER BY {VISIBLE_AT}, id
+    LIMIT 1
+)
+"""
+
+#: Priorities are SQLite integers (64 bits), all below this.
+_ABOVE_EVERY_PRIORITY = 2.0**63
 
 
 def _parse_tag(delivery_tag: str) -> tuple[int, int]:
@@ -204,10 +242,20 @@ class QoS(virtual.QoS):
         return errors
 
 
+class DirectExchange(VirtualDirectExchange):
+    """Looks up the bindings and stores the message in one statement."""
+
+    def deliver(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> None:
+        if not self.channel._put_direct(exchange, routing_key, message):
+            # Unroutable: kombu's lookup warns, or uses the dead-letter queue if set.
+            super().deliver(message, exchange, routing_key, **kwargs)
+
+
 class Channel(virtual.Channel):
     """A kombu virtual channel whose queues are rows of ``kernel_messages``."""
 
     QoS = QoS
+    exchange_types = {**virtual.Channel.exchange_types, "direct": DirectExchange}
     supports_fanout = True
     do_restore = True
 
@@ -244,6 +292,28 @@ class Channel(virtual.Channel):
             ),
         )
 
+    def _put_direct(self, exchange: str, routing_key: str, message: dict[str, Any]) -> int:
+        """Insert a copy for every queue bound to ``exchange`` under ``routing_key``.
+
+        Reads the bindings in the INSERT itself: they may change in any process, so they
+        cannot be cached, and a separate lookup would cost a statement per publish.
+        Returns how many queues received the message.
+        """
+        now = time.time()
+        return self._execute(
+            "INSERT INTO kernel_messages (queue, priority, deliver_at, payload, created_at) "
+            "SELECT queue, ?, ?, ?, ? FROM kernel_bindings "
+            "WHERE exchange = ? AND routing_key = ?",
+            (
+                _priority(message),
+                _deliver_at(message, f"exchange {exchange!r}, routing key {routing_key!r}", now),
+                dumps(message),
+                now,
+                exchange,
+                routing_key,
+            ),
+        ).rowcount
+
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
     ) -> None:
@@ -271,31 +341,28 @@ class Channel(virtual.Channel):
         """Take the best ready message: leased to this channel, or deleted if ``remove``.
 
         A plain SELECT finds a candidate without taking the write lock (empty polls
-        stay cheap); the conditional UPDATE/DELETE then wins it unless another
-        consumer was faster, in which case the next candidate is tried.
+        stay cheap, however many delayed or leased rows the queue holds); the
+        conditional UPDATE/DELETE then wins it unless another consumer was faster, in
+        which case the next candidate is tried.
         """
         connection = self.database.connection()
         for _ in range(CLAIM_ATTEMPTS):
             now = time.time()
-            row = connection.execute(
-                f"SELECT id, payload, delivery_count FROM kernel_messages "
-                f"WHERE {_READY} AND deliver_at <= ? ORDER BY priority DESC, id LIMIT 1",
-                (queue, now, now),
-            ).fetchone()
+            row = self._candidate(connection, queue, now)
             if row is None:
                 raise Empty()
             row_id, payload, previous = row
             if remove:
                 cursor = connection.execute(
                     "DELETE FROM kernel_messages WHERE id = ? AND delivery_count = ? "
-                    "AND (lease_until IS NULL OR lease_until < ?)",
+                    f"AND {VISIBLE_AT} <= ?",
                     (row_id, previous, now),
                 )
             else:
                 cursor = connection.execute(
                     "UPDATE kernel_messages SET lease_owner = ?, lease_until = ?, "
                     "delivery_count = delivery_count + 1 WHERE id = ? AND delivery_count = ? "
-                    "AND (lease_until IS NULL OR lease_until < ?)",
+                    f"AND {VISIBLE_AT} <= ?",
                     (self.owner, now + self.visibility_timeout, row_id, previous, now),
                 )
             if cursor.rowcount != 1:
@@ -309,6 +376,22 @@ class Channel(virtual.Channel):
                 self._ensure_renewer()
             return self._stamp(message, row_id, previous)
         raise Empty()
+
+    @staticmethod
+    def _candidate(
+        connection: sqlite3.Connection, queue: str, now: float
+    ) -> tuple[int, Any, int] | None:
+        """The best row of ``queue`` visible at ``now``: (id, payload, delivery_count)."""
+        below = _ABOVE_EVERY_PRIORITY
+        while True:
+            priority, row_id, payload, previous = connection.execute(
+                _CANDIDATE, {"queue": queue, "below": below, "now": now}
+            ).fetchone()
+            if priority is None:
+                return None
+            if row_id is not None:
+                return row_id, payload, previous
+            below = priority
 
     @staticmethod
     def _stamp(message: dict[str, Any], row_id: int, previous: int) -> dict[str, Any]:
