@@ -51,7 +51,7 @@ from typing import Any
 
 from kombu.transport import virtual
 from kombu.transport.virtual.exchange import DirectExchange as VirtualDirectExchange
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
 
 from kernel.exceptions import ConfigurationError
 from kernel.plugins.builtin.sqlite_db import (  # noqa: F401 - database_path is re-exported
@@ -59,153 +59,25 @@ from kernel.plugins.builtin.sqlite_db import (  # noqa: F401 - database_path is 
     Database,
     database_path,
 )
+from kernel.plugins.builtin.sqlite_messages import (
+    ABOVE_EVERY_PRIORITY,
+    CANDIDATE,
+    CLAIM_ATTEMPTS,
+    READY,
+    SCHEMA,
+    SCHEMA_VERSION,
+    VISIBLE_AT,
+    decode_payload,
+    message_deliver_at,
+    message_priority,
+    parse_tag,
+    renew_leases,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_POLLING_INTERVAL = 0.05
-
-#: Version of the tables below, recorded in ``kernel_schema``. 2: claims use the
-#: ``kernel_messages_visible`` index instead of ``kernel_messages_claim``.
-SCHEMA_VERSION = 2
-
-#: Claims one poll tries before leaving a hotly contested queue to the next poll.
-CLAIM_ATTEMPTS = 20
-
-#: When a row may be claimed: once it is due and no consumer holds a lease on it. An
-#: expression, not a stored column, so that no write can leave it stale and a version 1
-#: table needs no ``ALTER TABLE``; queries must spell it exactly so for SQLite to match
-#: it to the ``kernel_messages_visible`` index.
-VISIBLE_AT = "max(deliver_at, coalesce(lease_until, deliver_at))"
-
-# Every statement is idempotent: ``Database`` runs the script whenever the recorded
-# version differs, possibly in several processes at once, and for a version 1 database
-# (the same table) it is the whole migration. A version 1 process opening the file
-# afterwards rebuilds its index and records version 1, so the next version 2 process
-# drops it again: it works, but upgrade all processes together.
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS kernel_messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    deliver_at REAL NOT NULL,
-    payload TEXT NOT NULL,
-    delivery_count INTEGER NOT NULL DEFAULT 0,
-    lease_owner TEXT,
-    lease_until REAL,
-    created_at REAL NOT NULL
-);
-DROP INDEX IF EXISTS kernel_messages_claim;
-CREATE INDEX IF NOT EXISTS kernel_messages_visible
-    ON kernel_messages (queue, priority DESC, {VISIBLE_AT});
-CREATE INDEX IF NOT EXISTS kernel_messages_lease_owner
-    ON kernel_messages (lease_owner) WHERE lease_owner IS NOT NULL;
-CREATE TABLE IF NOT EXISTS kernel_queues (
-    name TEXT PRIMARY KEY,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS kernel_exchanges (
-    name TEXT PRIMARY KEY,
-    type TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS kernel_bindings (
-    exchange TEXT NOT NULL,
-    routing_key TEXT NOT NULL,
-    pattern TEXT NOT NULL,
-    queue TEXT NOT NULL,
-    UNIQUE (exchange, routing_key, queue)
-);
-CREATE INDEX IF NOT EXISTS kernel_bindings_queue ON kernel_bindings (queue);
-CREATE TABLE IF NOT EXISTS kernel_dead_messages (
-    id INTEGER PRIMARY KEY,
-    queue TEXT NOT NULL,
-    payload,
-    reason TEXT NOT NULL,
-    dead_at REAL NOT NULL
-);
-"""
-
-_READY = "queue = ? AND (lease_until IS NULL OR lease_until < ?)"
-
-# The best visible row of the highest priority below ``:below`` that the queue holds, as
-# (that priority, id, payload, delivery_count); id and the rest are NULL when none of
-# the level's rows is visible yet, the priority too when no level is left. Each part is
-# one seek in the index, so delayed and leased rows are never read and a backlog never
-# sorted; ``ORDER BY priority DESC, id`` over all visible rows would have to sort it.
-_CANDIDATE = f"""
-SELECT level.priority, message.id, message.payload, message.delivery_count
-FROM (
-    SELECT max(priority) AS priority FROM kernel_messages
-    WHERE queue = :queue AND priority < :below
-) AS level
-LEFT JOIN kernel_messages AS message ON message.id = (
-    SELECT id FROM kernel_messages
-    WHERE queue = :queue AND priority = level.priority AND {VISIBLE_AT} <= :now
-    ORDER BY {VISIBLE_AT}, id
-    LIMIT 1
-)
-"""
-
-#: Priorities are SQLite integers (64 bits), all below this.
-_ABOVE_EVERY_PRIORITY = 2.0**63
-
-
-def _parse_tag(delivery_tag: str) -> tuple[int, int]:
-    row_id, delivery = str(delivery_tag).split(":")
-    return int(row_id), int(delivery)
-
-
-def _priority(message: dict[str, Any]) -> int:
-    try:
-        return int((message.get("properties") or {}).get("priority") or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _deliver_at(message: dict[str, Any], destination: str, now: float) -> float:
-    value = (message.get("headers") or {}).get("x-deliver-at")
-    if value is None:
-        return now
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        logger.warning(
-            "sqlite transport: header x-deliver-at=%r on a message for %s is not "
-            "epoch seconds; delivering it now",
-            value,
-            destination,
-        )
-        return now
-
-
-def _decode(payload: Any) -> dict[str, Any]:
-    message = loads(payload)
-    if not isinstance(message, dict) or not isinstance(message.get("properties"), dict):
-        raise ValueError("not a kombu message: no 'properties' mapping")
-    return message
-
-
-def _renew_leases(
-    database: Database, owner: str, visibility_timeout: float, stop: threading.Event
-) -> None:
-    interval = visibility_timeout / 3
-    try:
-        while not stop.wait(interval):
-            try:
-                database.connection().execute(
-                    "UPDATE kernel_messages SET lease_until = ? WHERE lease_owner = ?",
-                    (time.time() + visibility_timeout, owner),
-                )
-            except sqlite3.Error as exc:
-                logger.warning(
-                    "sqlite transport: could not renew the leases of channel %s (%s); "
-                    "retrying in %.1f s",
-                    owner,
-                    exc,
-                    interval,
-                )
-    finally:
-        database.close_thread()
 
 
 class QoS(virtual.QoS):
@@ -285,8 +157,8 @@ class Channel(virtual.Channel):
             "VALUES (?, ?, ?, ?, ?)",
             (
                 queue,
-                _priority(message),
-                _deliver_at(message, f"queue {queue!r}", now),
+                message_priority(message),
+                message_deliver_at(message, f"queue {queue!r}", now),
                 dumps(message),
                 now,
             ),
@@ -305,8 +177,10 @@ class Channel(virtual.Channel):
             "SELECT queue, ?, ?, ?, ? FROM kernel_bindings "
             "WHERE exchange = ? AND routing_key = ?",
             (
-                _priority(message),
-                _deliver_at(message, f"exchange {exchange!r}, routing key {routing_key!r}", now),
+                message_priority(message),
+                message_deliver_at(
+                    message, f"exchange {exchange!r}, routing key {routing_key!r}", now
+                ),
                 dumps(message),
                 now,
                 exchange,
@@ -319,8 +193,8 @@ class Channel(virtual.Channel):
     ) -> None:
         now = time.time()
         payload = dumps(message)
-        priority = _priority(message)
-        deliver_at = _deliver_at(message, f"bound to exchange {exchange!r}", now)
+        priority = message_priority(message)
+        deliver_at = message_deliver_at(message, f"bound to exchange {exchange!r}", now)
         with self.database.transaction() as connection:
             queues = [
                 row[0]
@@ -368,7 +242,7 @@ class Channel(virtual.Channel):
             if cursor.rowcount != 1:
                 continue  # another consumer won this one
             try:
-                message = _decode(payload)
+                message = decode_payload(payload)
             except ValueError as exc:
                 self._bury(row_id, queue, payload, str(exc))
                 continue
@@ -382,10 +256,10 @@ class Channel(virtual.Channel):
         connection: sqlite3.Connection, queue: str, now: float
     ) -> tuple[int, Any, int] | None:
         """The best row of ``queue`` visible at ``now``: (id, payload, delivery_count)."""
-        below = _ABOVE_EVERY_PRIORITY
+        below = ABOVE_EVERY_PRIORITY
         while True:
             priority, row_id, payload, previous = connection.execute(
-                _CANDIDATE, {"queue": queue, "below": below, "now": now}
+                CANDIDATE, {"queue": queue, "below": below, "now": now}
             ).fetchone()
             if priority is None:
                 return None
@@ -426,7 +300,7 @@ class Channel(virtual.Channel):
 
     def _settle(self, delivery_tag: str, verb: str) -> None:
         """Delete an acked (or dead-rejected) row, if this delivery still holds it."""
-        row_id, delivery = _parse_tag(delivery_tag)
+        row_id, delivery = parse_tag(delivery_tag)
         cursor = self._execute(
             "DELETE FROM kernel_messages WHERE id = ? AND lease_owner = ? AND delivery_count = ?",
             (row_id, self.owner, delivery),
@@ -436,7 +310,7 @@ class Channel(virtual.Channel):
 
     def _release(self, delivery_tag: str, attempted: bool) -> None:
         """Make a held row ready again; ``attempted=False`` takes back its delivery count."""
-        row_id, delivery = _parse_tag(delivery_tag)
+        row_id, delivery = parse_tag(delivery_tag)
         cursor = self._execute(
             "UPDATE kernel_messages SET lease_owner = NULL, lease_until = NULL, "
             "delivery_count = delivery_count - ? "
@@ -467,7 +341,7 @@ class Channel(virtual.Channel):
             return
         stop = threading.Event()
         thread = threading.Thread(
-            target=_renew_leases,
+            target=renew_leases,
             args=(self.database, self.owner, self.visibility_timeout, stop),
             name=f"kernel-sqlite-leases-{self.owner[:8]}",
             daemon=True,
@@ -532,12 +406,12 @@ class Channel(virtual.Channel):
 
     def _size(self, queue: str) -> int:
         """Messages not held by a consumer, delayed ones included."""
-        sql = f"SELECT COUNT(*) FROM kernel_messages WHERE {_READY}"
+        sql = f"SELECT COUNT(*) FROM kernel_messages WHERE {READY}"
         return self._execute(sql, (queue, time.time())).fetchone()[0]
 
     def _purge(self, queue: str) -> int:
         """Delete the messages no consumer holds (delayed ones too); return how many."""
-        sql = f"DELETE FROM kernel_messages WHERE {_READY}"
+        sql = f"DELETE FROM kernel_messages WHERE {READY}"
         return self._execute(sql, (queue, time.time())).rowcount
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
