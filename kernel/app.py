@@ -52,6 +52,26 @@ _TASK_OPTIONS = {
 }
 
 
+#: Routing and protocol options ``send_task`` takes besides its named parameters.
+_SEND_OPTIONS = frozenset(
+    {
+        "queue",
+        "routing_key",
+        "exchange",
+        "priority",
+        "exchange_type",
+        "reply_to",
+        "group_id",
+        "group_index",
+        "root_id",
+        "parent_id",
+        "shadow",
+        "chord",
+        "chain",
+    }
+)
+
+
 class DisabledBackend:
     """Stands in when ``result_backend`` is None: storing is a no-op, reading explains."""
 
@@ -108,6 +128,7 @@ class App:
         self.tasks: dict[str, Task] = {}
         self._plugins = plugins
         self._finalized = False
+        self._ready = False
         self._finalize_lock = threading.RLock()
         self._backend: Any = None
         self._serialization: Serialization | None = None
@@ -130,13 +151,16 @@ class App:
 
     def finalize(self) -> App:
         """Register serializers, run ``kernel_configure`` hooks, import task modules."""
+        if self._ready:  # every publish calls this: no lock once finalized
+            return self
         with self._finalize_lock:
-            if self._finalized:
+            if self._finalized:  # done, or being done by this thread (a hook re-entered)
                 return self
             self._finalized = True
             _ = self.serialization
             self.plugins.hook.kernel_configure(app=self)
             self.import_task_modules()
+            self._ready = True
         return self
 
     def import_task_modules(self) -> None:
@@ -197,10 +221,6 @@ class App:
             ) from None
 
     # ----------------------------------------------------------------- connections
-
-    def transport_options(self) -> dict:
-        spec = self.plugins.transport_for_url(self.conf.broker_url)
-        return {**spec.default_options, **(self.conf.broker_transport_options or {})}
 
     def connection(self, url: str | None = None) -> Connection:
         """A new (lazy) kombu connection to the broker, through the transport plugin."""
@@ -298,21 +318,7 @@ class App:
         declaring a queue (retries use it to go back where the message came from).
         """
         self.finalize()
-        unknown = set(options) - {
-            "queue",
-            "routing_key",
-            "exchange",
-            "priority",
-            "exchange_type",
-            "reply_to",
-            "group_id",
-            "group_index",
-            "root_id",
-            "parent_id",
-            "shadow",
-            "chord",
-            "chain",
-        }
+        unknown = set(options) - _SEND_OPTIONS
         if unknown:
             raise TypeError(f"send_task() got unknown option(s) {sorted(unknown)}")
         if args is not None and not isinstance(args, (list, tuple)):

@@ -123,6 +123,14 @@ class Task:
         finally:
             _current.reset(token)
 
+    def option(self, name: str) -> Any:
+        """This task's ``name`` option, or the app's ``task_<name>`` setting when unset.
+
+        For ``acks_late``, ``reject_on_worker_lost``, ``track_started`` and ``ignore_result``.
+        """
+        value = getattr(self, name)
+        return getattr(self.app.conf, f"task_{name}") if value is None else value
+
     @property
     def request(self) -> Context:
         entry = _current.get()
@@ -259,8 +267,7 @@ class Task:
         reason = exc if exc is not None else f"retry requested ({when})"
         # Store RETRY before sending: a fast retry could otherwise finish first and have
         # its SUCCESS overwritten by this run's RETRY.
-        ignore = request.ignore_result or bool(self.ignore_result)
-        if not ignore:
+        if not (request.ignore_result or self.option("ignore_result")):
             self.app.backend.store_result(
                 request.id,
                 reason if isinstance(reason, BaseException) else Retry(reason),

@@ -294,12 +294,6 @@ class PluginManager:
                 seen.append(spec)
         return seen
 
-    def provider_of(self, kind: str, spec: Any) -> str:
-        for candidate, plugin_name in self._collect(kind).values():
-            if candidate is spec:
-                return plugin_name
-        raise KeyError(spec)
-
     def _by_scheme(self, kind: str, url: str) -> Any:
         scheme = url.partition("://")[0].lower() if "://" in url else url.lower()
         entry = self._collect(kind).get(f"scheme:{scheme}")

@@ -88,26 +88,14 @@ def context_for(
     )
 
 
-def _ignores_result(task: Task, context: Context, app: Any) -> bool:
-    if context.ignore_result:
-        return True
-    if task.ignore_result is not None:
-        return task.ignore_result
-    return bool(app.conf.task_ignore_result)
-
-
-def _tracks_started(task: Task, app: Any) -> bool:
-    return task.track_started if task.track_started is not None else app.conf.task_track_started
-
-
 def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcome, dict]:
     """Run ``task`` in ``context``; store its result; return (outcome, result document)."""
     app = task.app
     hook = app.plugins.hook
     backend = app.backend if store else None
-    ignore = _ignores_result(task, context, app)
+    ignore = context.ignore_result or bool(task.option("ignore_result"))
     started = time.monotonic()
-    if backend is not None and not ignore and _tracks_started(task, app):
+    if backend is not None and not ignore and task.option("track_started"):
         backend.mark_as_started(context.id, {"hostname": context.hostname})
     call_hook_safely(
         hook.kernel_task_prerun,

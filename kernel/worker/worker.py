@@ -230,7 +230,6 @@ class Worker:
         connection = self.app.connection()
         connection.ensure_connection(max_retries=5)
         channel = connection.channel()
-        self._channel = channel
         self._producer = connection.Producer(channel)
         queues = self.app.queues_for(self.queue_names)
         accept = self.app.serialization.accepted_types(self.app.conf.accept_content)
@@ -509,17 +508,13 @@ class Worker:
 
     # ----------------------------------------------------------------- running
 
-    def _acks_late(self, name: str) -> bool:
-        task = self.app.tasks[name]
-        return task.acks_late if task.acks_late is not None else self.app.conf.task_acks_late
-
     def _dispatch(self) -> None:
         assert self.pool is not None
         while self._reserved and len(self._inflight) < self.pool.limit and self._stop_mode is None:
             message, decoded = self._reserved.popleft()
             if self._expired(message, decoded):
                 continue
-            if not self._acks_late(decoded.name):
+            if not self.app.tasks[decoded.name].option("acks_late"):
                 message.ack()
             tag = message.delivery_tag
             self._inflight[tag] = (message, decoded)
@@ -599,12 +594,7 @@ class Worker:
             message.ack()
 
     def _on_lost(self, message: Any, decoded: DecodedTask, error: BaseException) -> None:
-        task = self.app.tasks[decoded.name]
-        requeue = (
-            task.reject_on_worker_lost
-            if task.reject_on_worker_lost is not None
-            else self.app.conf.task_reject_on_worker_lost
-        )
+        requeue = self.app.tasks[decoded.name].option("reject_on_worker_lost")
         if message.acknowledged or not requeue:
             lost = WorkerLostError(
                 f"task {decoded.name}[{decoded.id}]: the process running it died ({error})"

@@ -461,3 +461,23 @@ def test_pickle_message_is_refused_unless_accept_content_allows_it(kernel_app):
         assert echo.apply_async(({"a": 1},), serializer="pickle").get(timeout=10) == {"a": 1}
     finally:
         stop_worker(worker, thread)
+
+
+def test_retry_of_a_task_whose_results_are_ignored_by_setting_stores_nothing(
+    kernel_app, kernel_worker
+):
+    kernel_app.conf.task_ignore_result = True
+    finished = []
+
+    @kernel_app.task(bind=True, max_retries=1)
+    def quiet(self):
+        if not self.request.retries:
+            raise self.retry(countdown=0)
+        finished.append(self.request.id)
+
+    result = quiet.delay()
+    deadline = time.monotonic() + 10
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert finished == [result.id]
+    assert result.state == "PENDING"  # neither RETRY nor SUCCESS was stored
