@@ -14,12 +14,14 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from typing import Any
 
 from kombu import Connection, Exchange, Queue
 
 from kernel import protocol
 from kernel.config import Settings
+from kernel.control import Control
 from kernel.exceptions import ConfigurationError, NotRegistered
 from kernel.plugins.manager import PluginManager, default_manager
 from kernel.result import AsyncResult
@@ -48,7 +50,14 @@ _TASK_OPTIONS = {
     "expires",
     "max_retries",
     "default_retry_delay",
+    "autoretry_for",
+    "dont_autoretry_for",
+    "retry_kwargs",
+    "retry_backoff",
+    "retry_backoff_max",
+    "retry_jitter",
     "typing",
+    "rate_limit",
 }
 
 
@@ -83,6 +92,18 @@ class DisabledBackend:
 
     mark_as_started = mark_as_done = mark_as_failure = mark_as_revoked = store_result
 
+    supports_chords = False
+
+    def ensure_chords_supported(self, what: str = "chord") -> None:
+        raise ConfigurationError(
+            f"a {what} needs a result backend to count its header's results, and results "
+            "are disabled (result_backend is None); configure one that supports chords, "
+            "e.g. App(backend='sqlite:///kernel.sqlite3'), Redis or SQL"
+        )
+
+    def on_chord_part_return(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise ConfigurationError(
             "results are disabled (result_backend is None); configure one, e.g. "
@@ -90,6 +111,7 @@ class DisabledBackend:
         )
 
     get_task_meta = wait_for = forget = _refuse
+    save_group = restore_group = delete_group = apply_chord = get_task_metas = _refuse
 
     def cleanup(self) -> int:
         return 0
@@ -148,6 +170,11 @@ class App:
         if self._serialization is None:
             self._serialization = Serialization(self.plugins)
         return self._serialization
+
+    @cached_property
+    def control(self) -> Control:
+        """Remote control of running workers: ``app.control.revoke(task_id)``."""
+        return Control(self)
 
     def finalize(self) -> App:
         """Register serializers, run ``kernel_configure`` hooks, import task modules."""
@@ -271,6 +298,17 @@ class App:
                 self._backend = spec.load()(self, url)
         return self._backend
 
+    def signature(self, name: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """A signature of task ``name`` (its code need not be importable here)."""
+        from kernel.canvas import signature
+
+        return signature(name, args, kwargs, app=self, **options)
+
+    def GroupResult(self, group_id: str, results: Any = None) -> Any:  # noqa: N802
+        from kernel.result import GroupResult
+
+        return GroupResult(group_id, results, app=self)
+
     def AsyncResult(self, task_id: str, task_name: str | None = None) -> AsyncResult:  # noqa: N802
         return AsyncResult(task_id, self, task_name=task_name)
 
@@ -342,10 +380,8 @@ class App:
             parent.children.append([[task_id, None], None])
         if ignore_result is None:
             ignore_result = self.conf.task_ignore_result
-        if time_limit is None:
-            time_limit = self.conf.task_time_limit
-        if soft_time_limit is None:
-            soft_time_limit = self.conf.task_soft_time_limit
+        # Unset limits stay unset in the message: the worker then applies the task's
+        # options and its own task_time_limit/task_soft_time_limit, as Celery does.
         extra_headers = dict(headers or {})
         if eta_at is not None and "delayed_delivery" in self.broker_features():
             extra_headers[protocol.DELIVER_AT_HEADER] = eta_at.timestamp()

@@ -145,11 +145,22 @@ class Settings:
     )
     task_time_limit: float | None = setting(
         None,
-        "Default hard time limit in seconds, sent in each message's `timelimit` header. "
-        "No builtin pool enforces it yet: the worker says so at start-up.",
+        "Hard time limit in seconds: the process running a task past it is killed and "
+        "replaced, and the task fails with `TimeLimitExceeded`. A worker setting "
+        "(`--time-limit`): it applies to messages whose `timelimit` header and task give "
+        "none. Enforced by the prefork pool; checked about once a second.",
     )
     task_soft_time_limit: float | None = setting(
-        None, "Default soft time limit in seconds, sent like `task_time_limit`; not yet enforced."
+        None,
+        "Soft time limit in seconds: `SoftTimeLimitExceeded` is raised inside the task, "
+        "which may catch it to clean up. Applied like `task_time_limit` "
+        "(`--soft-time-limit`); enforced by the prefork, solo and threads pools.",
+    )
+    task_default_rate_limit: str | float | None = setting(
+        None,
+        "Rate limit for task types that set none: `'10/s'`, `'100/m'`, `'1000/h'` or a "
+        "number per second. Each worker enforces it on its own, with bursts of up to one "
+        "second's worth of tasks.",
     )
     timezone: str = setting("UTC", "Time zone for naive datetimes given as `eta`.")
 
@@ -163,6 +174,31 @@ class Settings:
     worker_prefetch_multiplier: int = setting(
         4, "Messages reserved per pool slot (0 means unlimited)."
     )
+    worker_disable_rate_limits: bool = setting(
+        False, "Ignore every rate limit (task options and `task_default_rate_limit`)."
+    )
+    worker_max_tasks_per_child: int | None = setting(
+        None, "Replace a prefork child after it ran this many tasks (`--max-tasks-per-child`)."
+    )
+    worker_max_memory_per_child: int | None = setting(
+        None,
+        "Replace a prefork child, after its current task, once its resident memory "
+        "exceeds this many KiB (`--max-memory-per-child`).",
+    )
+    worker_autoscale: str | None = setting(
+        None,
+        "`'MAX,MIN'`: grow the pool up to MAX slots while tasks wait and shrink it back "
+        "towards MIN when idle (`--autoscale`; prefork and threads pools).",
+    )
+    worker_autoscale_keepalive: float = setting(
+        30.0, "Seconds a slot added by autoscale must stay unneeded before it is removed."
+    )
+    worker_soft_shutdown_timeout: float = setting(
+        0.0,
+        "Soft shutdown: when a cold shutdown is asked for (SIGQUIT, or a second "
+        "SIGTERM/SIGINT), first let running tasks go on for this many seconds, then "
+        "stop them and return their messages to the queue. 0 disables it.",
+    )
     worker_shutdown_timeout: float = setting(
         60.0,
         "Seconds a warm shutdown waits for running tasks before it turns cold; their "
@@ -172,6 +208,29 @@ class Settings:
         None,
         "Modules the worker imports to register tasks (`include=` adds to it).",
         factory=list,
+    )
+    worker_state_db: str | None = setting(
+        None,
+        "File where the worker keeps the ids of revoked tasks, so a restarted worker "
+        "still refuses them (`kernel worker --statedb PATH`); None keeps them in memory.",
+    )
+    worker_revoked_max: int = setting(
+        50000, "How many revoked task ids a worker remembers; the oldest are dropped first."
+    )
+    worker_revoked_expires: float | None = attrs.field(
+        default=10800.0,
+        converter=lambda value: seconds(value, "worker_revoked_expires"),
+        metadata={
+            "doc": "Seconds (or a timedelta) a worker remembers a revoked task id (default "
+            "three hours); a task revoked longer ago runs if its message arrives."
+        },
+    )
+
+    # ----------------------------------------------------------- remote control
+    control_exchange: str = setting(
+        "celery",
+        "Name of the remote-control mailbox (exchange `<name>.pidbox`); Celery's name by "
+        "default, so kernel and Celery clients and workers reach each other.",
     )
 
     # ------------------------------------------------------------------ behaviour

@@ -7,6 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+# Time limits and termination are billiard's classes, as in Celery, so a stored failure
+# names the same exception type whichever side of a Celery/kernel pair ran the task.
+from billiard.exceptions import (  # noqa: F401 - re-exported
+    SoftTimeLimitExceeded,
+    Terminated,
+    TimeLimitExceeded,
+)
+
 
 class KernelError(Exception):
     """Base class of every error the kernel raises on purpose."""
@@ -67,6 +75,16 @@ class TaskRevokedError(KernelError):
     """The task was revoked and did not run to completion."""
 
 
+class ChordError(KernelError):
+    """A chord's body could not run: a header task failed or was revoked, the chord's
+    group was lost, or the body could not be sent.
+
+    The message names the culprit (``Dependency <task id> raised ValueError('boom')``)
+    and the original exception is the ``__cause__`` when it is known. Stored as
+    Celery's ``celery.exceptions.ChordError``, so Celery clients rebuild it too.
+    """
+
+
 class RemoteException(KernelError):
     """Stand-in for a task's exception whose class cannot be imported here.
 
@@ -116,7 +134,42 @@ class Retry(KernelError):  # noqa: N818 - Celery's name, users catch it
 
 
 class MaxRetriesExceededError(KernelError):
-    """A task asked to be retried more often than its ``max_retries`` allows."""
+    """A task asked to be retried more often than its ``max_retries`` allows.
+
+    Raised by ``task.retry()`` called without ``exc=`` (with ``exc=``, that exception is
+    raised instead, so the task fails with the error that made it retry). ``exc`` is the
+    exception being handled when ``retry()`` was called, if any (also the ``__cause__``);
+    ``task_name``, ``task_id``, ``task_args`` and ``task_kwargs`` say which call gave up.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        exc: BaseException | None = None,
+        task_name: str | None = None,
+        task_id: str | None = None,
+        task_args: Any = (),
+        task_kwargs: Any = None,
+        retries: int | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        if message is None:
+            message = (
+                f"task {task_name}[{task_id}] args={tuple(task_args or ())!r} "
+                f"kwargs={dict(task_kwargs or {})!r} cannot retry again: it was retried "
+                f"{retries} time(s) and max_retries={max_retries}; raise max_retries "
+                "(None retries for ever), or pass exc= to retry() to fail with that "
+                "exception instead"
+            )
+        super().__init__(message)
+        self.exc = exc
+        self.task_name = task_name
+        self.task_id = task_id
+        self.task_args = task_args
+        self.task_kwargs = task_kwargs
+        self.retries = retries
+        self.max_retries = max_retries
 
 
 class Ignore(KernelError):

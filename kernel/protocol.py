@@ -121,7 +121,7 @@ def build_task_message(
         "group": group_id,
         "group_index": group_index,
         "retries": retries,
-        "timelimit": [soft_time_limit, time_limit],
+        "timelimit": [time_limit, soft_time_limit],  # Celery's order: hard, soft
         "root_id": root_id or task_id,
         "parent_id": parent_id,
         "argsrepr": argsrepr if argsrepr is not None else _saferepr(args),
@@ -152,6 +152,7 @@ class DecodedTask:
     eta: datetime | None
     expires: datetime | None
     retries: int
+    #: (hard, soft) seconds, in the order of the ``timelimit`` header (Celery's).
     time_limits: tuple[float | None, float | None]
     root_id: str | None
     parent_id: str | None
@@ -209,9 +210,9 @@ def decode_task(
     if not isinstance(limits, (list, tuple)):
         raise ProtocolError(
             f"task {headers['task']!r} id {headers['id']}: header timelimit must be "
-            f"[soft, hard], got {limits!r}"
+            f"[hard, soft] (seconds or null), got {limits!r}"
         )
-    soft, hard = (list(limits) + [None, None])[:2]
+    hard, soft = (list(limits) + [None, None])[:2]
     counts = {}
     for header in ("retries", DELIVERY_COUNT_HEADER):
         try:
@@ -231,7 +232,7 @@ def decode_task(
         eta=parse_datetime(headers.get("eta")),
         expires=parse_datetime(headers.get("expires")),
         retries=counts["retries"],
-        time_limits=(soft, hard),
+        time_limits=(hard, soft),
         root_id=headers.get("root_id"),
         parent_id=headers.get("parent_id"),
         group_id=headers.get("group"),

@@ -7,15 +7,19 @@ the current execution (Celery's ``self.request`` in bound tasks).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
+import sys
 import traceback as traceback_module
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
+
+from kernel.retry_policy import RetryPolicy
 
 if TYPE_CHECKING:
     from kernel.app import App
@@ -53,6 +57,8 @@ class Context:
     callbacks: list = attrs.Factory(list)
     errbacks: list = attrs.Factory(list)
     chain: list = attrs.Factory(list)
+    chord: Any = None
+    group_index: int | None = None
     children: list = attrs.Factory(list)
     ignore_result: bool = False
     delivery_count: int = 0
@@ -65,6 +71,17 @@ def current_task() -> Task | None:
     """The task running in this thread, if any."""
     entry = _current.get()
     return entry[0] if entry else None
+
+
+@contextlib.contextmanager
+def running_as(task: Task, context: Context) -> Iterator[None]:
+    """Make ``task``/``context`` the current task while the block runs (messages sent
+    in it are recorded as the task's children)."""
+    token = _current.set((task, context))
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def current_request() -> Context | None:
@@ -91,12 +108,37 @@ class Task:
     reject_on_worker_lost: bool | None = None
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    #: Tasks of this type a worker may start: "10/s", "100/m", "1000/h" or per second.
+    rate_limit: str | float | None = None
     expires: Any = None
+    #: Retries ``retry()`` allows before giving up; None retries for ever.
     max_retries: int | None = 3
+    #: Seconds ``retry()`` waits when given neither ``countdown`` nor ``eta``.
     default_retry_delay: float = 180
+    #: Exceptions after which the task retries itself (``retry(exc=...)``); see
+    #: :mod:`kernel.retry_policy`.
+    autoretry_for: tuple[type[Exception], ...] = ()
+    #: Exceptions never retried automatically, even when they match ``autoretry_for``.
+    dont_autoretry_for: tuple[type[Exception], ...] = ()
+    #: Options automatic retries pass to ``retry()``, e.g. ``{"max_retries": 5}``.
+    retry_kwargs: dict[str, Any] = {}  # read only: copied when used
+    #: Exponential backoff for automatic retries: True (a factor of 1 second) or a factor.
+    retry_backoff: bool | float = False
+    #: Upper bound of the backoff delay, in seconds.
+    retry_backoff_max: float = 600
+    #: Wait a random time between 0 and the backoff delay ("full jitter").
+    retry_jitter: bool = True
 
     #: The user's function, set by the decorator.
     run: Callable[..., Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the retry options when a task (or a base class) is defined, not at its
+        first failure."""
+        super().__init_subclass__(**kwargs)
+        policy = RetryPolicy.for_task(cls)
+        cls.autoretry_for = policy.autoretry_for  # lists become tuples
+        cls.dont_autoretry_for = policy.dont_autoretry_for
 
     # -- calling here -------------------------------------------------------------------
 
@@ -116,10 +158,23 @@ class Task:
         return self.run(*args, **kwargs)
 
     def run_with_context(self, context: Context) -> Any:
-        """Run the body with ``context`` as ``self.request`` (used by workers and eager mode)."""
+        """Run the body with ``context`` as ``self.request`` (used by workers and eager mode).
+
+        Automatic retries happen here, so they work on every pool, in eager mode, and
+        inside ``kernel_task_execute`` wrappers (which see the ``Retry``).
+        """
         token = _current.set((self, context))
         try:
-            return self._invoke(tuple(context.args), dict(context.kwargs))
+            try:
+                return self._invoke(tuple(context.args), dict(context.kwargs))
+            except Exception as exc:
+                if not self.autoretry_for:
+                    raise
+                policy = RetryPolicy.for_task(self)
+                if not policy.should_retry(exc):
+                    raise
+                # Past max_retries, retry() raises exc itself: the task fails with it.
+                raise self.retry(exc=exc, **policy.retry_options(context.retries)) from exc
         finally:
             _current.reset(token)
 
@@ -234,10 +289,13 @@ class Task:
     ) -> Any:
         """Send this task again (same id, ``retries`` + 1) and end the current run.
 
-        Waits ``countdown`` seconds (default ``default_retry_delay``) or until ``eta``.
-        Past ``max_retries`` (None: for ever) it raises ``exc`` if given, else
-        ``MaxRetriesExceededError``. Raises :class:`~kernel.exceptions.Retry` when
-        ``throw`` is true, which the worker records as the RETRY state.
+        Waits ``countdown`` seconds (default ``default_retry_delay``) or until ``eta``;
+        ``max_retries`` overrides the task's for this call. Past the limit (None: none)
+        it raises ``exc`` if given, so the task fails with the error that made it retry,
+        else :class:`~kernel.exceptions.MaxRetriesExceededError`. Raises
+        :class:`~kernel.exceptions.Retry` when ``throw`` is true, which the worker records
+        as the RETRY state; write ``raise self.retry(...)`` to make the end of the run
+        visible.
         """
         from kernel.exceptions import MaxRetriesExceededError, Retry
 
@@ -251,16 +309,22 @@ class Task:
         if limit is not None and request.retries >= limit:
             if exc is not None:
                 raise exc
+            handled = sys.exc_info()[1]
             raise MaxRetriesExceededError(
-                f"can't retry {self.name}[{request.id}] args:{request.args} "
-                f"kwargs:{request.kwargs}: already retried {request.retries} time(s), "
-                f"max_retries={limit}"
-            )
+                exc=handled,
+                task_name=self.name,
+                task_id=request.id,
+                task_args=request.args,
+                task_kwargs=request.kwargs,
+                retries=request.retries,
+                max_retries=limit,
+            ) from handled
         if countdown is None and eta is None:
             countdown = self.default_retry_delay
         call_args = request.args if args is None else args
         call_kwargs = request.kwargs if kwargs is None else kwargs
-        if request.is_eager:  # apply() runs it again at once with retries + 1
+        if request.is_eager:  # apply() runs it again at once with retries + 1, no waiting
+            request.args, request.kwargs = tuple(call_args), dict(call_kwargs)
             self.app.plugins.hook.kernel_task_retry(task=self, request=request, reason=exc)
             raise Retry(f"retry {self.name}[{request.id}] eagerly", exc, None)
         when = eta if eta is not None else f"in {countdown}s"
@@ -287,7 +351,7 @@ class Task:
             )
         if "priority" not in options and info.get("priority") is not None:
             options["priority"] = info["priority"]
-        soft, hard = (list(request.timelimit or ()) + [None, None])[:2]
+        hard, soft = (list(request.timelimit or ()) + [None, None])[:2]
         self.app.send_task(
             self.name,
             call_args,
@@ -324,6 +388,69 @@ class Task:
 
     def si(self, *args: Any, **kwargs: Any) -> Any:
         return self.signature(args, kwargs, immutable=True)
+
+    subtask = signature
+
+    def map(self, it: Any) -> Any:
+        """One message that runs this task for each item: ``[task(i) for i in it]``."""
+        from kernel.canvas import xmap
+
+        return xmap(self.s(), it, app=self.app)
+
+    def starmap(self, it: Any) -> Any:
+        """One message that runs ``task(*item)`` for each item."""
+        from kernel.canvas import xstarmap
+
+        return xstarmap(self.s(), it, app=self.app)
+
+    def chunks(self, it: Any, n: int) -> Any:
+        """Split ``it`` into messages of ``n`` calls each (a group of starmaps)."""
+        from kernel.canvas import chunks
+
+        return chunks(self.s(), it, n, app=self.app)
+
+    def replace(self, sig: Any) -> Any:
+        """Replace this running task with ``sig``: it takes over this task's id, its
+        place in a chain or chord and its callbacks; this run ends here (``Ignore``).
+
+        A group is replaced as a chord whose body gathers its results, so whoever
+        waits on this task gets the list of them.
+        """
+        from kernel.canvas import chain, chord, group, maybe_signature, signature
+        from kernel.exceptions import Ignore
+
+        request = self.request
+        if request.id is None or request.called_directly:
+            raise RuntimeError(f"{self.name}.replace() only works while the task runs")
+        sig = maybe_signature(sig, self.app)
+        if isinstance(sig, chain) and not sig.tasks:
+            raise ValueError("cannot replace a task with an empty chain")
+        if sig.options.get("chord") is not None:
+            raise ValueError("cannot replace a task with a signature that is part of a chord")
+        if isinstance(sig, group):
+            sig = chord(sig, signature("celery.accumulate", kwargs={"index": 0}, app=self.app))
+        sig = sig.clone()
+        for callback in request.callbacks:
+            sig.link(callback)
+        for errback in request.errbacks:
+            sig.link_error(errback)
+        nesting = int((request.headers or {}).get("replaced_task_nesting") or 0) + 1
+        sig.freeze(request.id)  # the replacement's result is this task's result
+        options: dict[str, Any] = {"root_id": request.root_id}
+        if request.chain:  # the rest of this task's chain runs after the replacement
+            for step in reversed(request.chain):
+                sig = sig | maybe_signature(step, self.app)
+        else:  # its place in a group or chord
+            if request.group:
+                options.update(group_id=request.group, group_index=request.group_index)
+            if request.chord:
+                options["chord"] = request.chord
+        options["headers"] = {"replaced_task_nesting": nesting}
+        if request.is_eager:
+            value = sig.apply().get(disable_sync_subtasks=False)
+            raise Ignore(f"replaced by {sig!r}, which returned {value!r}")
+        sig.apply_async(**options)
+        raise Ignore(f"replaced by {sig!r}")
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

@@ -19,16 +19,49 @@ from datetime import datetime, timezone
 from typing import Any
 
 from kernel import states
-from kernel.exceptions import RemoteException
+from kernel.exceptions import ChordError, RemoteException
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "celery-task-meta-"
+GROUP_KEY_PREFIX = "celery-taskset-meta-"
+
+#: kernel exceptions stored under Celery's name, so Celery clients rebuild them as
+#: Celery's class; a document naming them reads back as kernel's class here.
+WIRE_NAMES: dict[type[BaseException], tuple[str, str]] = {
+    ChordError: ("celery.exceptions", "ChordError"),
+}
+_FROM_WIRE = {name: cls for cls, name in WIRE_NAMES.items()}
 
 
 def result_key(task_id: str) -> str:
     """The storage key Celery uses for a task's result."""
     return f"{KEY_PREFIX}{task_id}"
+
+
+def group_key(group_id: str) -> str:
+    """The storage key Celery uses for a saved group (``GroupResult.save()``)."""
+    return f"{GROUP_KEY_PREFIX}{group_id}"
+
+
+# Chord bookkeeping of kernel's key-value backends. Celery's workers never read these
+# keys (its key-value scheme counts with ``chord-unlock-<group id>``), so they are
+# named for kernel alone.
+
+
+def chord_size_key(group_id: str) -> str:
+    """How many header tasks the chord ``group_id`` waits for."""
+    return f"kernel-chord-size-{group_id}"
+
+
+def chord_parts_key(group_id: str) -> str:
+    """The set of the chord's header task ids that finished."""
+    return f"kernel-chord-parts-{group_id}"
+
+
+def chord_claim_key(group_id: str) -> str:
+    """Set once by the worker that runs the chord's body."""
+    return f"kernel-chord-claim-{group_id}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -43,14 +76,18 @@ def _jsonable(value: Any) -> Any:
 
 def encode_exception(exc: BaseException) -> dict[str, Any]:
     cls = type(exc)
+    exc_module, exc_type = WIRE_NAMES.get(cls, (cls.__module__, cls.__qualname__))
     return {
-        "exc_type": cls.__qualname__,
+        "exc_type": exc_type,
         "exc_message": _jsonable(list(exc.args)),
-        "exc_module": cls.__module__,
+        "exc_module": exc_module,
     }
 
 
 def _find_exception_class(exc_type: str, exc_module: str | None) -> type | None:
+    aliased = _FROM_WIRE.get((exc_module or "", exc_type))
+    if aliased is not None:  # whether or not Celery is importable here
+        return aliased
     if not exc_module or exc_module == "builtins":
         candidate = getattr(builtins, exc_type, None)
     else:

@@ -14,7 +14,8 @@ from kernel.backends.base import KeyValueBackend
 
 
 class MemoryBackend(KeyValueBackend):
-    """A dict guarded by a lock; expiry checked on read."""
+    """A dict guarded by a lock; expiry checked on read. Sets (chord parts) are Python
+    sets in the same dict, so chords work within one process."""
 
     _stores: ClassVar[dict[str, dict[str, tuple[Any, float | None]]]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
@@ -26,14 +27,7 @@ class MemoryBackend(KeyValueBackend):
 
     def get(self, key: str) -> Any:
         with self._lock:
-            entry = self._store.get(key)
-            if entry is None:
-                return None
-            value, expires_at = entry
-            if expires_at is not None and expires_at <= time.time():
-                del self._store[key]
-                return None
-            return value
+            return self._live(key, time.time())
 
     def set(self, key: str, value: Any, expires: float | None) -> None:
         with self._lock:
@@ -42,6 +36,35 @@ class MemoryBackend(KeyValueBackend):
     def delete(self, key: str) -> None:
         with self._lock:
             self._store.pop(key, None)
+
+    def _live(self, key: str, now: float) -> Any:
+        """The unexpired value under ``key`` (lock held), else None."""
+        entry = self._store.get(key)
+        if entry is None:
+            return None
+        value, expires_at = entry
+        if expires_at is not None and expires_at <= now:
+            del self._store[key]
+            return None
+        return value
+
+    def add_to_set(self, key: str, member: str, expires: float | None) -> int:
+        now = time.time()
+        with self._lock:
+            members = self._live(key, now)
+            if not isinstance(members, set):
+                members = set()
+            members.add(member)
+            self._store[key] = (members, now + expires if expires else None)
+            return len(members)
+
+    def set_if_absent(self, key: str, value: Any, expires: float | None) -> bool:
+        now = time.time()
+        with self._lock:
+            if self._live(key, now) is not None:
+                return False
+            self._store[key] = (value, now + expires if expires else None)
+            return True
 
     def cleanup(self) -> int:
         now = time.time()

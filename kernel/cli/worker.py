@@ -51,6 +51,42 @@ def setup_logging(level: str) -> None:
     type=click.FloatRange(min=0.5),
     help="Seconds a dead worker's messages stay leased (SQLite transport).",
 )
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Hard time limit in seconds for tasks that set none (prefork kills the child).",
+)
+@click.option(
+    "--soft-time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Soft time limit in seconds: SoftTimeLimitExceeded is raised in the task.",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    help="Replace a prefork child after this many tasks.",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.IntRange(min=1),
+    help="Replace a prefork child whose resident memory exceeds this many KiB.",
+)
+@click.option(
+    "--autoscale",
+    metavar="MAX,MIN",
+    help="Grow the pool up to MAX while tasks wait, shrink it back to MIN when idle.",
+)
+@click.option(
+    "-O",
+    "optimization",
+    type=click.Choice(["fair", "default"]),
+    help="Dispatch policy; kernel always hands tasks only to idle slots ('fair').",
+)
+@click.option(
+    "--statedb",
+    type=click.Path(dir_okay=False),
+    help="File that keeps revoked task ids across restarts.",
+)
 @plugin_options
 @click.pass_context
 def worker(
@@ -62,6 +98,13 @@ def worker(
     hostname: str | None,
     prefetch_multiplier: int | None,
     visibility_timeout: float | None,
+    time_limit: float | None,
+    soft_time_limit: float | None,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: int | None,
+    autoscale: str | None,
+    optimization: str | None,
+    statedb: str | None,
 ) -> None:
     """Start a worker that consumes tasks and runs them."""
     from kernel.exceptions import KernelError
@@ -76,6 +119,23 @@ def worker(
             **app.conf.broker_transport_options,
             "visibility_timeout": visibility_timeout,
         }
+    if soft_time_limit and time_limit and soft_time_limit >= time_limit:
+        raise click.BadParameter(
+            f"the soft time limit ({soft_time_limit}s) must be below the hard one "
+            f"({time_limit}s), or the task never gets the chance to clean up",
+            param_hint="--soft-time-limit",
+        )
+    settings = {
+        "task_time_limit": time_limit,
+        "task_soft_time_limit": soft_time_limit,
+        "worker_max_tasks_per_child": max_tasks_per_child,
+        "worker_max_memory_per_child": max_memory_per_child,
+    }
+    app.conf.update({name: value for name, value in settings.items() if value is not None})
+    if optimization == "default":
+        logging.getLogger("kernel.worker").info(
+            "-O default: kernel hands tasks only to idle slots, as -O fair does"
+        )
     try:
         instance = Worker(
             app,
@@ -84,6 +144,8 @@ def worker(
             concurrency=concurrency,
             queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
             prefetch_multiplier=prefetch_multiplier,
+            autoscale=autoscale,
+            state_db=statedb,
         )
     except (KernelError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -48,6 +48,7 @@ BUILTIN_PLUGINS = (
     "kernel.plugins.builtin.serializers",
     "kernel.plugins.builtin.pools",
     "kernel.plugins.builtin.execution",
+    "kernel.plugins.builtin.canvas_tasks",
 )
 
 #: URL schemes served by plugins of this project, and the extra that installs each.

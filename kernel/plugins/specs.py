@@ -111,7 +111,9 @@ class PoolSpec:
 
     ``factory(worker, concurrency)`` returns a ``kernel.worker.pools.Pool``.
     ``supports`` names what the pool can do, from: ``hard_time_limit``,
-    ``soft_time_limit``, ``terminate``, ``autoscale``, ``max_tasks_per_child``.
+    ``soft_time_limit``, ``terminate`` (a cold shutdown stops running tasks),
+    ``terminate_task`` (``revoke(terminate=True)`` stops one), ``autoscale``,
+    ``max_tasks_per_child``, ``max_memory_per_child``.
     ``early_patch`` is a callable run before anything else is imported
     (gevent-style monkey patching), or None.
     """

@@ -9,9 +9,16 @@ Flow of one message (all in the worker's main thread, which owns the connection)
 3. ``_dispatch`` gives it to the pool; the pool reports an Outcome from its own
    thread through a queue, and ``_complete`` acks (or requeues) in this thread.
 
-Shutdown: the first SIGTERM/SIGINT is warm (stop consuming, finish running tasks,
-return reserved ones); a second signal or SIGQUIT is cold (stop the pool now and
-return every unacknowledged message). Either way no message is lost.
+Controls applied here: rate limits (tasks waiting for a token wait per type, so
+other types go on), revocation (``revoke_tasks``, called by the remote-control
+node), time limits (resolved per message and enforced by the pool), autoscale.
+
+Shutdown phases: the first SIGTERM/SIGINT is warm (stop consuming, finish running
+tasks within ``worker_shutdown_timeout``, return reserved ones); the next signal, or
+SIGQUIT, is soft when ``worker_soft_shutdown_timeout`` is set (running tasks get that
+many more seconds) and cold otherwise; the next one is cold (stop the pool now and
+return every unacknowledged message). ``REMAP_SIGTERM=SIGQUIT`` makes SIGTERM act as
+SIGQUIT. In every phase no message is lost.
 """
 
 from __future__ import annotations
@@ -38,16 +45,30 @@ from kernel.exceptions import (
     ContentDisallowed,
     NotRegistered,
     ProtocolError,
+    TaskRevokedError,
+    Terminated,
+    TimeLimitExceeded,
     WorkerLostError,
 )
 from kernel.plugins.manager import redact_url as _redact
 from kernel.protocol import DELIVERY_COUNT_HEADER, DecodedTask, decode_task
-from kernel.worker.execute import call_hook_safely, context_for
-from kernel.worker.pools import Job, Pool
+from kernel.worker.autoscale import Autoscaler, parse_autoscale
+from kernel.worker.execute import (
+    call_hook_safely,
+    chord_part_return,
+    context_for,
+    record_failure,
+)
+from kernel.worker.pools import Job, JobHandle, Pool
+from kernel.worker.ratelimit import RateLimiter
+from kernel.worker.state import RevokedTasks
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_REASON_HEADER = "x-dead-letter-reason"
+
+#: Shutdown phases, mildest first; a stop request only ever moves to a later one.
+PHASES = ("warm", "soft", "cold")
 
 
 def expand_hostname(template: str | None) -> str:
@@ -66,6 +87,12 @@ class Worker:
     #: Seconds a drain waits for a message when tasks are (not) running.
     busy_poll = 0.02
     idle_poll = 0.1
+    #: Seconds between looks for control messages (revoke, rate_limit, ping).
+    control_poll = 0.1
+
+    #: Messages held beyond the prefetch window (waiting for their ETA or a rate-limit
+    #: token) at most; past that the window stops widening.
+    held_limit = 1000
 
     def __init__(
         self,
@@ -78,6 +105,8 @@ class Worker:
         prefetch_multiplier: int | None = None,
         lost_worker_timeout: float = 1.0,
         install_signal_handlers: bool = True,
+        autoscale: Any = None,
+        state_db: str | None = None,
     ) -> None:
         self.app = app
         app.finalize()
@@ -85,34 +114,88 @@ class Worker:
         self.hostname = expand_hostname(hostname)
         self.pool_name = pool or conf.worker_pool
         self.pool_spec = app.plugins.pool(self.pool_name)
+        self.autoscale = parse_autoscale(autoscale or conf.worker_autoscale)
+        if self.autoscale and "autoscale" not in self.pool_spec.supports:
+            raise ConfigurationError(
+                f"pool {self.pool_name} cannot autoscale; use -P prefork or -P threads, "
+                "or drop --autoscale"
+            )
         default = self.pool_spec.default_concurrency
+        if self.autoscale:
+            concurrency = max(self.autoscale[1], 1)
         self.concurrency = int(
             concurrency or conf.worker_concurrency or (default() if default else 1)
         )
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         self.queue_names = list(queues or conf.task_queues or [conf.task_default_queue])
-        multiplier = (
+        self.prefetch_multiplier = (
             conf.worker_prefetch_multiplier if prefetch_multiplier is None else prefetch_multiplier
         )
-        self.prefetch_count = self.concurrency * multiplier if multiplier else 0
+        self.prefetch_count = self.concurrency * self.prefetch_multiplier
         self.lost_worker_timeout = lost_worker_timeout
         self.install_signal_handlers = install_signal_handlers
+        self.max_tasks_per_child = conf.worker_max_tasks_per_child
+        self.max_memory_per_child = conf.worker_max_memory_per_child
         self.features = app.broker_features()
         self.pool: Pool | None = None
         self.ready = threading.Event()
         self.stopped = threading.Event()
-        self._stop_mode: str | None = None  # None, "warm" or "cold"
+        self._stop_mode: str | None = None  # None or one of PHASES
+        self._phase_deadline = float("inf")
+        self._interrupt_pending = False
+        self._signals_installed = False
+        self._next_control_poll = 0.0
+        self._control_connection: Any = None
         self._completed: queue_module.SimpleQueue = queue_module.SimpleQueue()
         self._reserved: deque[tuple[Any, DecodedTask]] = deque()
         self._scheduled: list[tuple[float, int, Any, DecodedTask]] = []
         self._sequence = itertools.count()
-        self._eta_held = 0
+        self._held = 0  # messages beyond the prefetch window the broker was told about
         self._inflight: dict[str, tuple[Any, DecodedTask]] = {}
+        self._handles: dict[str, JobHandle | None] = {}
+        self._terminating: dict[str, int] = {}  # delivery tag -> signal sent
         self._components: list[Any] = []
-        self.counts = {"succeeded": 0, "failed": 0, "dead_lettered": 0, "requeued": 0}
+        self._control: Any = None
+        self._crash: BaseException | None = None
+        self.revoked = RevokedTasks.from_conf(conf, path=state_db)
+        self.rate_limits = RateLimiter()
+        self._configure_rate_limits()
+        self.autoscaler = (
+            Autoscaler(self, *self.autoscale, keepalive=conf.worker_autoscale_keepalive)
+            if self.autoscale
+            else None
+        )
+        self.counts = {
+            "succeeded": 0,
+            "failed": 0,
+            "dead_lettered": 0,
+            "requeued": 0,
+            "revoked": 0,
+        }
         self._report_unsupported_controls()
         self.app.plugins.hook.kernel_worker_init(worker=self)
+
+    def _configure_rate_limits(self) -> None:
+        if self.app.conf.worker_disable_rate_limits:
+            return
+        default = self.app.conf.task_default_rate_limit
+        for name, task in self.app.tasks.items():
+            rate = getattr(task, "rate_limit", None)
+            try:
+                self.rate_limits.configure(name, default if rate is None else rate)
+            except ValueError as exc:
+                raise ConfigurationError(f"task {name}: {exc}") from None
+
+    def set_rate_limit(self, task_name: str, rate: Any) -> dict:
+        """Change a task type's rate limit at run time (remote control ``rate_limit``)."""
+        if task_name not in self.app.tasks:
+            raise ValueError(f"unknown task {task_name!r} on worker {self.hostname}")
+        if self.app.conf.worker_disable_rate_limits:
+            return {"ok": "rate limits disabled (worker_disable_rate_limits)"}
+        per_second = self.rate_limits.configure(task_name, rate)
+        log.info("rate limit of %s set to %s", task_name, rate)
+        return {"ok": f"new rate limit set to {per_second or 'none'} task(s)/s"}
 
     def _report_unsupported_controls(self) -> None:
         """Say once, at start-up, which configured controls this pool cannot enforce."""
@@ -126,6 +209,14 @@ class Worker:
                 "soft time limits (soft_time_limit)",
                 conf.task_soft_time_limit or any(t.soft_time_limit for t in tasks),
             ),
+            "max_tasks_per_child": (
+                "--max-tasks-per-child",
+                conf.worker_max_tasks_per_child,
+            ),
+            "max_memory_per_child": (
+                "--max-memory-per-child",
+                conf.worker_max_memory_per_child,
+            ),
         }
         for control, (label, configured) in wanted.items():
             if configured and control not in self.pool_spec.supports:
@@ -135,29 +226,77 @@ class Worker:
 
     # ----------------------------------------------------------------- control
 
-    def stop(self, warm: bool = True) -> None:
-        """Ask the worker to stop (thread-safe); a cold request overrides a warm one."""
-        if not warm:
-            self._stop_mode = "cold"
-        elif self._stop_mode is None:
-            self._stop_mode = "warm"
+    def stop(self, warm: bool = True, phase: str | None = None) -> None:
+        """Ask the worker to stop (thread-safe); a later phase overrides an earlier one.
+
+        ``phase`` is one of "warm", "soft", "cold"; ``warm=False`` means "cold".
+        """
+        phase = phase or ("warm" if warm else "cold")
+        current = self._stop_mode
+        if current is not None and PHASES.index(phase) <= PHASES.index(current):
+            return
+        self._stop_mode = phase
+        if phase == "warm":
+            self._phase_deadline = time.monotonic() + self.app.conf.worker_shutdown_timeout
+        elif phase == "soft":
+            self._phase_deadline = time.monotonic() + self.app.conf.worker_soft_shutdown_timeout
+        solo_running = self.pool_name == "solo" and self._inflight
+        if phase != "cold" and solo_running and self._signals_installed:
+            # The task runs in this very thread, so no loop can watch the deadline.
+            timer = threading.Timer(
+                self._phase_deadline - time.monotonic(), self._phase_timed_out, (phase,)
+            )
+            timer.daemon = True
+            timer.start()
+
+    def _phase_timed_out(self, phase: str) -> None:
+        if self._stop_mode == phase and self._inflight:
+            log.warning("%s shutdown timed out with a task running; stopping it", phase)
+            self._interrupt_pending = True
+            # A real signal: it also interrupts a blocking call in the task.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGQUIT)
+
+    def _next_phase(self, signum: int) -> str:
+        quit_signal = signum == getattr(signal, "SIGQUIT", None) or (
+            signum == signal.SIGTERM and os.environ.get("REMAP_SIGTERM") == "SIGQUIT"
+        )
+        soft = self.app.conf.worker_soft_shutdown_timeout > 0
+        current = self._stop_mode
+        if current is None and not quit_signal:
+            return "warm"
+        if current in (None, "warm") and soft:
+            return "soft"
+        return "cold"
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        if signum == getattr(signal, "SIGQUIT", None) or self._stop_mode is not None:
-            log.warning("%s: cold shutdown, unfinished tasks go back to the queue", name)
-            first_cold = self._stop_mode != "cold"
-            self.stop(warm=False)
-            if first_cold and self.pool_name == "solo" and self._inflight:
-                raise ColdShutdown()
+        if self._interrupt_pending:  # our own timer: the phase's time ran out
+            self._interrupt_pending = False
+            phase = "cold"
         else:
+            phase = self._next_phase(signum)
+        if phase == "warm":
             log.warning(
-                "%s: warm shutdown, finishing %d running task(s); send it again "
-                "for a cold shutdown",
+                "%s: warm shutdown, finishing %d running task(s) (at most %ss); send it "
+                "again to stop sooner",
                 name,
                 len(self._inflight),
+                self.app.conf.worker_shutdown_timeout,
             )
-            self.stop(warm=True)
+        elif phase == "soft":
+            log.warning(
+                "%s: soft shutdown, %d running task(s) get %ss more, then go back to the "
+                "queue; send it again for a cold shutdown",
+                name,
+                len(self._inflight),
+                self.app.conf.worker_soft_shutdown_timeout,
+            )
+        else:
+            log.warning("%s: cold shutdown, unfinished tasks go back to the queue", name)
+        first_cold = phase == "cold" and self._stop_mode != "cold"
+        self.stop(phase=phase)
+        if first_cold and self.pool_name == "solo" and self._inflight:
+            raise ColdShutdown()
 
     def _install_signals(self) -> None:
         if (
@@ -168,6 +307,7 @@ class Worker:
         for name in ("SIGTERM", "SIGINT", "SIGQUIT"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), self._on_signal)
+        self._signals_installed = True
 
     # ----------------------------------------------------------------- start / run
 
@@ -243,6 +383,7 @@ class Worker:
         )
         consumer.consume()
         self._consumer = consumer
+        self._start_control()
         self._start_components(components)
         self.app.plugins.hook.kernel_worker_ready(worker=self)
         log.info(
@@ -259,7 +400,7 @@ class Worker:
             cold = self._stop_mode == "cold"
             if not cold:
                 consumer.cancel()
-                cold = not self._drain_inflight(connection)
+                cold = not self._drain_inflight()
         except ColdShutdown:
             cold = True
         except BaseException as exc:
@@ -270,41 +411,72 @@ class Worker:
                 ", ".join(f"{d.name}[{d.id}]" for _m, d in self._inflight.values()) or "none",
             )
             cold = True
-            # The running tasks may be what broke the worker (a task raising SystemExit
-            # in a solo pool): count this as a delivery so it cannot loop for ever.
-            for message, decoded in list(self._inflight.values()):
-                if not message.acknowledged:
-                    self._requeue(message, decoded, f"its worker stopped ({exc!r})")
-            self._inflight.clear()
+            self._crash = exc  # _shutdown requeues what is left once the pool stopped
             raise
         finally:
             self._shutdown(consumer, channel, connection, cold)
+
+    def _start_control(self) -> None:
+        """Listen for broadcast commands (revoke, rate_limit, ping) on a connection of
+        their own, polled every ``control_poll`` seconds: on polling transports, a
+        second queue on the task connection would cost a query for every task."""
+        from kernel.worker.control import ControlNode
+
+        try:
+            self._control_connection = self.app.connection()
+            self._control_connection.ensure_connection(max_retries=5)
+            self._control = ControlNode(self)
+            self._control.start(self._control_connection)
+        except Exception:
+            log.exception(
+                "remote control is unavailable on this broker (revoke broadcasts will not "
+                "reach worker %s); tasks still run",
+                self.hostname,
+            )
+            self._control = None
 
     def _run(self, connection: Any) -> None:
         assert self.pool is not None
         while self._stop_mode is None:
             self._complete_finished()
-            self._release_scheduled()
+            self._release_waiting()
             self._dispatch()
+            if self.autoscaler is not None:
+                self.autoscaler.maybe_scale(len(self._reserved), len(self._inflight))
             if self._reserved and len(self._inflight) >= self.pool.limit:
                 # Slot-bound: work is waiting and every slot is busy, so the next thing
-                # that matters is a task finishing; wait for exactly that event.
-                self._wait_completion(self._until_next_eta(self.idle_poll))
-                continue
-            timeout = self.busy_poll if self._inflight else self.idle_poll
-            try:
-                connection.drain_events(timeout=timeout)
-            except TimeoutError:
-                pass
+                # that matters is a task finishing; wait for exactly that event, and
+                # look at the broker (remote control: revoke, terminate) in between.
+                self._wait_completion(self._until_next_release(self.control_poll))
+            else:
+                timeout = self.busy_poll if self._inflight else self.idle_poll
+                try:
+                    connection.drain_events(timeout=self._until_next_release(timeout))
+                except TimeoutError:
+                    pass
+            if time.monotonic() >= self._next_control_poll:
+                self._poll_control()
 
-    def _drain_inflight(self, connection: Any) -> bool:
-        """Warm shutdown: wait for running tasks; False when the timeout ran out."""
-        deadline = time.monotonic() + self.app.conf.worker_shutdown_timeout
+    def _poll_control(self) -> None:
+        """Deliver waiting control messages (in this thread), without blocking."""
+        self._next_control_poll = time.monotonic() + self.control_poll
+        if self._control_connection is None:
+            return
+        try:
+            self._control_connection.drain_events(timeout=0)
+        except TimeoutError:
+            pass
+        except Exception:
+            log.exception("reading control messages failed; trying again shortly")
+
+    def _drain_inflight(self) -> bool:
+        """Warm or soft shutdown: wait for running tasks; False when the phase timed out."""
         while self._inflight and self._stop_mode != "cold":
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= self._phase_deadline:
                 log.warning(
-                    "warm shutdown timed out with %d task(s) running; stopping them, "
+                    "%s shutdown timed out with %d task(s) running; stopping them, "
                     "their messages return to the queue",
+                    self._stop_mode,
                     len(self._inflight),
                 )
                 return False
@@ -312,6 +484,13 @@ class Worker:
         return self._stop_mode != "cold"
 
     def _shutdown(self, consumer: Any, channel: Any, connection: Any, cold: bool) -> None:
+        if self._control is not None:
+            try:
+                self._control.stop()
+            except Exception:
+                log.debug("stopping the remote-control node failed", exc_info=True)
+        if self._control_connection is not None:
+            self._control_connection.release()
         for component in reversed(self._components):
             try:
                 component.stop()
@@ -331,7 +510,20 @@ class Worker:
             else:
                 self.pool.stop()
         self._complete_finished(cold_shutdown=cold)
-        returned = len(self._reserved) + len(self._scheduled) + len(self._inflight)
+        if self._crash is not None:
+            # The running tasks may be what broke the worker (a task raising SystemExit
+            # in a solo pool): count this as a delivery so it cannot loop for ever. Only
+            # now, with the pool stopped, so no copy runs while the task still runs.
+            for message, decoded in list(self._inflight.values()):
+                if not message.acknowledged:
+                    try:
+                        self._requeue(message, decoded, f"its worker stopped ({self._crash!r})")
+                    except Exception:
+                        log.exception("could not requeue %s; the broker returns it", decoded.id)
+            self._inflight.clear()
+        returned = (
+            len(self._reserved) + len(self._scheduled) + len(self.rate_limits) + len(self._inflight)
+        )
         try:
             consumer.cancel()
         except Exception:
@@ -341,6 +533,7 @@ class Worker:
         connection.release()
         if returned:
             log.info("returned %d unfinished message(s) to the broker", returned)
+        self.revoked.close()
         self.app.plugins.hook.kernel_worker_shutdown(worker=self)
         self.app.close()
         self.stopped.set()
@@ -439,6 +632,7 @@ class Worker:
                 "to include=[...]"
             )
             self._reject_bad(message, str(error), decoded.id, error)
+            self._chord_member_failed(message, decoded, error)
             return
         max_deliveries = self.app.conf.task_max_deliveries
         if max_deliveries and decoded.delivery_count >= max_deliveries:
@@ -450,6 +644,10 @@ class Worker:
                 f"{self.app.conf.task_dead_letter_queue}"
             )
             self._reject_bad(message, str(error), decoded.id, error)
+            self._chord_member_failed(message, decoded, error)
+            return
+        if decoded.id in self.revoked:
+            self._discard_revoked(message, decoded)
             return
         if self._expired(message, decoded):
             return
@@ -460,22 +658,35 @@ class Worker:
                     self._scheduled,
                     (decoded.eta.timestamp(), next(self._sequence), message, decoded),
                 )
-                self._hold_prefetch_slot(+1)
+                self._update_prefetch()
                 return
         self._reserved.append((message, decoded))
 
-    def _until_next_eta(self, limit: float) -> float:
-        if not self._scheduled:
-            return limit
-        return max(0.0, min(limit, self._scheduled[0][0] - time.time()))
+    def _until_next_release(self, limit: float) -> float:
+        """Seconds to wait at most before a held message (ETA, rate limit) is due."""
+        if self._scheduled:
+            limit = min(limit, self._scheduled[0][0] - time.time())
+        if len(self.rate_limits) and self.pool and len(self._inflight) < self.pool.limit:
+            limit = min(limit, self.rate_limits.next_release() or 0.0)
+        return max(0.0, limit)
 
-    def _hold_prefetch_slot(self, change: int) -> None:
-        """Messages held for their ETA do not count against the prefetch window
-        (as Celery does), or enough of them would stop the worker receiving."""
+    def _update_prefetch(self) -> None:
+        """Held messages (waiting for their ETA or a rate-limit token) do not count
+        against the prefetch window, as in Celery, or enough of them would stop the
+        worker receiving other work; up to ``held_limit`` of them."""
         if not self.prefetch_count:
             return
-        self._eta_held += change
-        self._consumer.qos(prefetch_count=self.prefetch_count + self._eta_held)
+        held = min(len(self._scheduled) + len(self.rate_limits), self.held_limit)
+        if held != self._held:
+            self._held = held
+            self._consumer.qos(prefetch_count=self.prefetch_count + held)
+
+    def pool_resized(self) -> None:
+        """Autoscale changed the pool: the prefetch window follows its size."""
+        assert self.pool is not None
+        self.prefetch_count = self.pool.limit * self.prefetch_multiplier
+        if self.prefetch_count:
+            self._consumer.qos(prefetch_count=self.prefetch_count + self._held)
 
     def _expired(self, message: Any, decoded: DecodedTask) -> bool:
         """Revoke (and ack) a task past its ``expires``; checked on receipt and dispatch."""
@@ -487,24 +698,131 @@ class Worker:
             decoded.id,
             decoded.expires.isoformat(),
         )
-        self.app.backend.mark_as_revoked(decoded.id, "expired")
+        self._mark_revoked(message, decoded, "expired")
+        message.ack()
+        return True
+
+    def _mark_revoked(
+        self, message: Any, decoded: DecodedTask, reason: str, terminated: bool = False
+    ) -> None:
+        self.counts["revoked"] += 1
+        try:
+            self.app.backend.mark_as_revoked(decoded.id, reason)
+        except Exception:  # the message is still acknowledged: the task must not run
+            log.exception(
+                "task %s[%s] was not run (%s) but its REVOKED state could not be stored",
+                decoded.name,
+                decoded.id,
+                reason,
+            )
         request = context_for(decoded, self.hostname, message.delivery_info)
+        if request.chord:  # a revoked header task still counts: its chord fails
+            chord_part_return(self.app, request, states.REVOKED, TaskRevokedError(reason))
         call_hook_safely(
             self.app.plugins.hook.kernel_task_revoked,
             task=self.app.tasks[decoded.name],
             request=request,
-            terminated=False,
-            expired=True,
+            terminated=terminated,
+            expired=reason == "expired",
         )
-        message.ack()
-        return True
 
-    def _release_scheduled(self) -> None:
+    def _chord_member_failed(
+        self, message: Any, decoded: DecodedTask, error: BaseException
+    ) -> None:
+        """A chord header task failed outside ``execute`` (dead-lettered, its process
+        lost): the chord must still learn of it, or its body would wait for ever."""
+        if decoded.embed.get("chord"):
+            context = context_for(decoded, self.hostname, message.delivery_info)
+            chord_part_return(self.app, context, states.FAILURE, error)
+
+    def _discard_revoked(self, message: Any, decoded: DecodedTask) -> None:
+        log.info("task %s[%s] was revoked; not run", decoded.name, decoded.id)
+        self._mark_revoked(message, decoded, "revoked")
+        message.ack()
+
+    def _release_waiting(self) -> None:
+        """Move held messages whose ETA came or whose rate-limit token arrived."""
         now = time.time()
+        released = False
         while self._scheduled and self._scheduled[0][0] <= now:
             _, _, message, decoded = heapq.heappop(self._scheduled)
             self._reserved.append((message, decoded))
-            self._hold_prefetch_slot(-1)
+            released = True
+        if len(self.rate_limits):
+            assert self.pool is not None
+            free = self.pool.limit - len(self._inflight)
+            for message, decoded in self.rate_limits.release(free):
+                released = True
+                if decoded.id in self.revoked:
+                    self._discard_revoked(message, decoded)
+                elif not self._expired(message, decoded):
+                    self._dispatch_one(message, decoded)
+        if released:
+            self._update_prefetch()
+
+    # ----------------------------------------------------------------- revocation
+
+    def revoke_tasks(
+        self, task_ids: list[str], terminate: bool = False, signum: Any = None
+    ) -> list:
+        """Revoke ``task_ids`` (remote control): waiting ones are dropped now, running
+        ones are stopped with ``signum`` when ``terminate``; returns the ids found here.
+
+        Every id is remembered (and saved with ``--statedb``) so a message that
+        arrives later is not run either.
+        """
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        self.revoked.add(ids)
+        self._complete_finished()  # a finished task's child may already run another
+        wanted = set(ids)
+        found: list[str] = []
+
+        def match(item: tuple[Any, DecodedTask]) -> bool:
+            return item[1].id in wanted
+
+        waiting = [item for item in self._reserved if match(item)]
+        if waiting:
+            self._reserved = deque(item for item in self._reserved if not match(item))
+        scheduled = [(m, d) for _, _, m, d in self._scheduled if d.id in wanted]
+        if scheduled:
+            self._scheduled = [entry for entry in self._scheduled if entry[3].id not in wanted]
+            heapq.heapify(self._scheduled)
+        waiting += scheduled + self.rate_limits.remove(match)
+        for message, decoded in waiting:
+            self._discard_revoked(message, decoded)
+            found.append(decoded.id)
+        if waiting:
+            self._update_prefetch()
+        signum = _signal_number(signum)
+        for tag, (_message, decoded) in list(self._inflight.items()):
+            if decoded.id not in wanted:
+                continue
+            found.append(decoded.id)
+            if not terminate:
+                log.info(
+                    "task %s[%s] revoked while running; it finishes (use terminate=True "
+                    "to stop it)",
+                    decoded.name,
+                    decoded.id,
+                )
+                continue
+            handle = self._handles.get(tag)
+            if handle is None or not handle.terminate(signum):
+                log.warning(
+                    "task %s[%s]: pool %s cannot terminate a running task; it finishes",
+                    decoded.name,
+                    decoded.id,
+                    self.pool_name,
+                )
+                continue
+            self._terminating[tag] = signum
+            log.warning(
+                "task %s[%s] terminated with %s by a revoke",
+                decoded.name,
+                decoded.id,
+                signal.Signals(signum).name,
+            )
+        return found
 
     # ----------------------------------------------------------------- running
 
@@ -512,17 +830,40 @@ class Worker:
         assert self.pool is not None
         while self._reserved and len(self._inflight) < self.pool.limit and self._stop_mode is None:
             message, decoded = self._reserved.popleft()
+            if decoded.id in self.revoked:
+                self._discard_revoked(message, decoded)
+                continue
             if self._expired(message, decoded):
                 continue
-            if not self.app.tasks[decoded.name].option("acks_late"):
-                message.ack()
-            tag = message.delivery_tag
-            self._inflight[tag] = (message, decoded)
-            job = Job(decoded, self.hostname, dict(message.delivery_info or {}))
-            self.pool.apply(
-                job, lambda outcome, error, tag=tag: self._completed.put((tag, outcome, error))
-            )
-            self._complete_finished()
+            if not self.rate_limits.admit(decoded.name, (message, decoded)):
+                self._update_prefetch()  # waits for a token; other types go on
+                continue
+            self._dispatch_one(message, decoded)
+
+    def _dispatch_one(self, message: Any, decoded: DecodedTask) -> None:
+        assert self.pool is not None
+        task = self.app.tasks[decoded.name]
+        if not task.option("acks_late"):
+            message.ack()
+        tag = message.delivery_tag
+        self._inflight[tag] = (message, decoded)
+        soft, hard = self._time_limits(task, decoded)
+        job = Job(decoded, self.hostname, dict(message.delivery_info or {}), soft, hard)
+        self._handles[tag] = self.pool.apply(
+            job, lambda outcome, error, tag=tag: self._completed.put((tag, outcome, error))
+        )
+        self._complete_finished()
+
+    def _time_limits(self, task: Any, decoded: DecodedTask) -> tuple[Any, Any]:
+        """(soft, hard) seconds: the message's ``timelimit`` header, then the task's
+        options, then the worker's defaults (``--soft-time-limit``/``--time-limit``)."""
+        conf = self.app.conf
+        hard, soft = (list(decoded.time_limits or ()) + [None, None])[:2]
+        if soft is None:
+            soft = task.soft_time_limit or conf.task_soft_time_limit
+        if hard is None:
+            hard = task.time_limit or conf.task_time_limit
+        return soft or None, hard or None
 
     def _wait_completion(self, timeout: float) -> None:
         try:
@@ -544,9 +885,15 @@ class Worker:
 
     def _complete(self, tag: str, outcome: Any, error: BaseException | None) -> None:
         entry = self._inflight.pop(tag, None)
+        self._handles.pop(tag, None)
+        terminated_with = self._terminating.pop(tag, None)
         if entry is None:  # already returned to the broker by a failing shutdown
             return
         message, decoded = entry
+        if terminated_with is not None and error is not None:
+            error = Terminated(terminated_with)
+        elif isinstance(error, Terminated):  # its child was signalled for another task
+            error = WorkerLostError(f"its process was terminated ({error!r})")
         try:
             self._settle(message, decoded, outcome, error)
         except Exception:
@@ -594,6 +941,14 @@ class Worker:
             message.ack()
 
     def _on_lost(self, message: Any, decoded: DecodedTask, error: BaseException) -> None:
+        if isinstance(error, Terminated):  # a revoke with terminate=True killed it
+            self._mark_revoked(message, decoded, "terminated", terminated=True)
+            if not message.acknowledged:
+                message.ack()
+            return
+        if isinstance(error, TimeLimitExceeded):  # billiard killed the child
+            self._on_hard_time_limit(message, decoded, error)
+            return
         requeue = self.app.tasks[decoded.name].option("reject_on_worker_lost")
         if message.acknowledged or not requeue:
             lost = WorkerLostError(
@@ -601,11 +956,32 @@ class Worker:
             )
             log.error("%s; marked FAILURE", lost)
             self.app.backend.mark_as_failure(decoded.id, lost)
+            self._chord_member_failed(message, decoded, lost)
             self.counts["failed"] += 1
             if not message.acknowledged:
                 message.ack()
             return
         self._requeue(message, decoded, f"the process running it died ({error})")
+
+    def _on_hard_time_limit(self, message: Any, decoded: DecodedTask, error: BaseException) -> None:
+        """The task ran past its hard limit and its process was killed: it failed."""
+        task = self.app.tasks[decoded.name]
+        limit = error.args[0] if error.args else None
+        exc = TimeLimitExceeded(limit)
+        log.error(
+            "task %s[%s]: hard time limit (%ss) exceeded; its process was killed and replaced",
+            decoded.name,
+            decoded.id,
+            limit,
+        )
+        context = context_for(decoded, self.hostname, message.delivery_info)
+        text = f"TimeLimitExceeded: task {decoded.name}[{decoded.id}] ran past {limit}s\n"
+        record_failure(task, context, exc, text, self.app.backend)
+        if context.chord:
+            chord_part_return(self.app, context, states.FAILURE, exc)
+        self.counts["failed"] += 1
+        if not message.acknowledged:
+            message.ack()
 
     def _requeue(self, message: Any, decoded: DecodedTask, reason: str) -> None:
         """Return a message for another attempt, counted against ``task_max_deliveries``."""
@@ -644,9 +1020,28 @@ class Worker:
     def stats(self) -> dict:
         return {
             "hostname": self.hostname,
+            "pid": os.getpid(),
             "pool": self.pool.info() if self.pool else None,
+            "queues": list(self.queue_names),
+            "autoscale": self.autoscaler.info() if self.autoscaler else None,
             "reserved": len(self._reserved),
             "running": len(self._inflight),
             "scheduled": len(self._scheduled),
-            **self.counts,
+            "rate_limited": len(self.rate_limits),
+            "revoked": len(self.revoked),
+            "counts": dict(self.counts),
         }
+
+
+def _signal_number(value: Any) -> int:
+    """``"SIGKILL"``, ``"KILL"``, 9 or None (SIGTERM) -> a signal number; clear error else."""
+    if value is None:
+        return int(signal.SIGTERM)
+    if isinstance(value, int):
+        return int(signal.Signals(value))
+    name = str(value).upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ValueError(f"unknown signal {value!r}; use a name like SIGTERM or SIGKILL") from None

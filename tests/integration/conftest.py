@@ -110,13 +110,19 @@ class Broker:
         self._count = 0
 
     def worker(
-        self, *options: str, visibility_timeout: float = 30.0, plugins: tuple[str, ...] = ()
+        self,
+        *options: str,
+        visibility_timeout: float = 30.0,
+        plugins: tuple[str, ...] = (),
+        app: str = "itasks",
+        wait: bool = True,
     ) -> WorkerProcess:
+        """Start ``kernel -A <app> worker <options>``; ``app`` is a module in ``project/``."""
         self._count += 1
         args = [f"--plugin={p}" for p in plugins]
         args += [
             "-A",
-            "itasks",
+            app,
             "worker",
             "-l",
             "INFO",
@@ -128,7 +134,7 @@ class Broker:
         ]
         process = WorkerProcess(args, self.env, self.tmp_path / f"worker{self._count}.log")
         self.workers.append(process)
-        return process.wait_ready()
+        return process.wait_ready() if wait else process
 
     def records(self) -> list[str]:
         if not self.record_path.exists():

@@ -151,7 +151,10 @@ def test_report_shows_versions_and_hides_passwords(capsys):
 
 
 def test_unknown_broker_scheme_names_the_extra_to_install(capsys):
-    code, _, err = run(capsys, "-b", "redis://localhost:6379/0", "call", "x.y")
+    # The dev environment installs the Redis plugin; block it to see what users without it see.
+    code, _, err = run(
+        capsys, "--no-plugin", "redis", "-b", "redis://localhost:6379/0", "call", "x.y"
+    )
     assert code == 1
     assert 'pip install "taskkernel[redis]"' in err
     assert "Traceback" not in err

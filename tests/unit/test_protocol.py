@@ -72,7 +72,7 @@ def test_headers_carry_every_protocol_v2_field():
     assert headers["eta"] == ETA.isoformat()
     assert headers["expires"] == EXPIRES.isoformat()
     assert headers["retries"] == 2
-    assert headers["timelimit"] == [20.0, 30.0]  # (soft, hard), as Celery orders them
+    assert headers["timelimit"] == [30.0, 20.0]  # (hard, soft), as Celery orders them
     assert headers["argsrepr"] == repr([2, 3])
     assert headers["kwargsrepr"] == repr({"z": "ü"})
     assert headers["replaced_task_nesting"] == 0
@@ -178,7 +178,7 @@ def test_decode_round_trip_restores_every_field():
     assert decoded.eta == ETA
     assert decoded.expires == EXPIRES
     assert decoded.retries == 2
-    assert decoded.time_limits == (20.0, 30.0)
+    assert decoded.time_limits == (30.0, 20.0)  # (hard, soft), as on the wire
     assert decoded.root_id == "root-1"
     assert decoded.parent_id == "parent-1"
     assert decoded.group_id == "group-1"
@@ -296,3 +296,15 @@ def test_decoded_queue_message_from_kombu_matches_built_message(kernel_app):
         ETA,
     )
     assert decoded.reply_to == "replies"
+
+
+def test_timelimit_header_is_hard_then_soft_as_celery_writes_it():
+    celery = pytest.importorskip("celery")
+    theirs = celery.Celery("peer", set_as_current=False).amqp.as_task_v2(
+        "id-9", "proj.tasks.add", args=(), kwargs={}, time_limit=30.0, soft_time_limit=20.0
+    )
+    ours = build_task_message(
+        task_id="id-9", name="proj.tasks.add", args=(), kwargs={}, time_limit=30.0,
+        soft_time_limit=20.0,
+    )  # fmt: skip
+    assert ours.headers["timelimit"] == list(theirs.headers["timelimit"]) == [30.0, 20.0]

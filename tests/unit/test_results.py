@@ -12,7 +12,7 @@ import pytest
 from kernel import states
 from kernel.backends import document
 from kernel.exceptions import NotRegistered, RemoteException, TaskRevokedError, TimeoutError
-from kernel.result import AsyncResult, EagerResult
+from kernel.result import AsyncResult, EagerResult, GroupResult, result_from_tuple
 from kernel.task import Context
 
 
@@ -241,6 +241,53 @@ def test_children_are_async_results(kernel_app):
     children = kernel_app.AsyncResult(task_id).children
     assert [c.id for c in children] == [child_id]
     assert all(isinstance(c, AsyncResult) for c in children)
+
+
+def test_children_that_are_groups_come_back_as_group_results(kernel_app):
+    task_id, child_id, group_id, first, second = (new_id() for _ in range(5))
+    children = [
+        [[child_id, None], None],
+        [[group_id, None], [[[first, None], None], [[second, None], None]]],
+    ]
+    kernel_app.backend.store_result(
+        task_id, 1, states.SUCCESS, request=Context(id=task_id, children=children)
+    )
+
+    plain, group = kernel_app.AsyncResult(task_id).children
+    assert type(plain) is AsyncResult and plain.id == child_id
+    assert isinstance(group, GroupResult)
+    assert group.id == group_id
+    assert [r.id for r in group.results] == [first, second]
+
+
+def test_result_tuple_is_celerys_with_the_parent_nested(kernel_app):
+    grandparent = AsyncResult("a", kernel_app)
+    parent = AsyncResult("b", kernel_app, parent=grandparent)
+    result = AsyncResult("c", kernel_app, parent=parent)
+
+    assert AsyncResult("x", kernel_app).as_tuple() == (("x", None), None)
+    assert result.as_tuple() == (("c", (("b", (("a", None), None)), None)), None)
+    assert json.loads(json.dumps(result.as_tuple())) == [
+        ["c", [["b", [["a", None], None]], None]],
+        None,
+    ]
+
+
+def test_result_rebuilt_from_its_json_tuple_keeps_its_parents(kernel_app):
+    stored = [["c", [["b", [["a", None], None]], None]], None]
+    result = result_from_tuple(stored, kernel_app)
+
+    assert type(result) is AsyncResult
+    assert [result.id, result.parent.id, result.parent.parent.id] == ["c", "b", "a"]
+    assert result.parent.parent.parent is None
+
+
+def test_task_returning_a_group_result_stores_its_tuple(kernel_app):
+    task_id = new_id()
+    returned = GroupResult("g", [AsyncResult("m1", kernel_app)], app=kernel_app)
+    kernel_app.backend.mark_as_done(task_id, returned)
+
+    assert kernel_app.AsyncResult(task_id).get(timeout=1) == [["g", None], [[["m1", None], None]]]
 
 
 def test_async_results_compare_by_id(kernel_app):

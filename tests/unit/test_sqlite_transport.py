@@ -19,7 +19,10 @@ import kombu
 import pytest
 from kombu import Exchange, Queue
 
+from kernel.control import QUEUE_EXPIRES, QUEUE_TTL
 from kernel.exceptions import ConfigurationError
+from kernel.plugins.builtin import sqlite_messages
+from kernel.plugins.builtin.sqlite_messages import SCHEMA_VERSION
 from kernel.plugins.builtin.sqlite_transport import Transport, database_path
 from kernel.testing.contracts import TransportContract
 from kernel.testing.contracts.transport import FEATURES
@@ -445,6 +448,7 @@ def test_version_1_database_is_migrated_in_place_and_keeps_its_messages(connect,
             db.executescript(
                 "DROP INDEX kernel_messages_visible;"
                 "CREATE INDEX kernel_messages_claim ON kernel_messages (queue, priority DESC, id);"
+                "DROP TABLE kernel_queue_limits;"
                 "UPDATE kernel_schema SET version = 1 WHERE component = 'transport';"
             )
 
@@ -457,7 +461,7 @@ def test_version_1_database_is_migrated_in_place_and_keeps_its_messages(connect,
     connect()  # migrating twice, as racing processes may, is harmless
     with sqlite3.connect(path) as db:
         version = db.execute("SELECT version FROM kernel_schema WHERE component = 'transport'")
-        assert version.fetchone() == (2,)
+        assert version.fetchone() == (SCHEMA_VERSION,)
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
@@ -491,3 +495,232 @@ def test_unroutable_direct_publish_goes_to_the_dead_letter_queue(connect):
             "lost", exchange=exchange, routing_key="nobody"
         )
     assert get(connection, Queue("undeliverable"), timeout=1).payload == "lost"
+
+
+# -- queue limits: x-expires and x-message-ttl -------------------------------------------
+
+
+def rows(path, sql, *parameters):
+    with sqlite3.connect(path) as db:
+        return db.execute(sql, parameters).fetchall()
+
+
+def queue_traces(path, name):
+    """Every row the database holds for queue ``name``, table by table."""
+    return {
+        "queue": rows(path, "SELECT name FROM kernel_queues WHERE name = ?", name),
+        "bindings": rows(path, "SELECT exchange FROM kernel_bindings WHERE queue = ?", name),
+        "messages": rows(path, "SELECT id FROM kernel_messages WHERE queue = ?", name),
+        "limits": rows(path, "SELECT name FROM kernel_queue_limits WHERE name = ?", name),
+    }
+
+
+def broadcast(connection, exchange, body):
+    connection.Producer(serializer="json").publish(body, exchange=exchange)
+
+
+def test_unused_expiring_queue_is_deleted_by_a_fanout_publish_while_a_polled_one_survives(
+    connect, tmp_path
+):
+    path = tmp_path / "broker.db"
+    exchange = Exchange("bcast", "fanout")
+    idle = Queue("idle", exchange, queue_arguments={"x-expires": 200})
+    polled = Queue("polled", exchange, expires=0.2)  # kombu sends x-expires=200
+    declaring = connect()
+    for queue in (idle, polled):
+        queue(declaring.default_channel).declare()
+    broadcast(declaring, exchange, "before")
+
+    consumer = connect()
+    deadline = time.monotonic() + 0.3  # past x-expires, polling `polled` meanwhile
+    received = []
+    while time.monotonic() < deadline:
+        message = polled(consumer.default_channel).get(no_ack=True)
+        if message is not None:
+            received.append(message.payload)
+        time.sleep(0.02)
+    broadcast(connect(), exchange, "after")
+
+    assert received == ["before"]
+    assert queue_traces(path, "idle") == {"queue": [], "bindings": [], "messages": [], "limits": []}
+    assert rows(path, "SELECT exchange FROM kernel_bindings WHERE queue = 'polled'") == [("bcast",)]
+    assert get(consumer, polled).payload == "after"
+
+
+def test_consumer_busy_for_longer_than_x_expires_keeps_its_queue(connect):
+    exchange = Exchange("bcast", "fanout")
+    queue = Queue("busy", exchange, expires=0.2)
+    consuming = connect()
+    received = []
+    with consuming.Consumer(queue, callbacks=[lambda body, message: received.append(body)]):
+        time.sleep(0.4)  # a long task in the main thread: no polls
+        broadcast(connect(), exchange, "revoke")
+        deadline = time.monotonic() + 3
+        while not received and time.monotonic() < deadline:
+            try:
+                consuming.drain_events(timeout=0.1)
+            except TimeoutError:
+                pass
+    assert received == ["revoke"]
+
+
+def test_dead_pidbox_node_queue_is_deleted_by_a_later_broadcast(connect, tmp_path):
+    path = tmp_path / "broker.db"
+    celery_values = kombu.pidbox.Mailbox(
+        "celery", type="fanout", queue_ttl=QUEUE_TTL, queue_expires=QUEUE_EXPIRES
+    )
+    celery_values.Node("alive", channel=connect().default_channel).listen()
+    short = kombu.pidbox.Mailbox("celery", type="fanout", queue_ttl=1, queue_expires=0.2)
+    worker = connect()
+    short.Node("killed", channel=worker.default_channel).listen()
+    worker.default_channel.limited.close()  # its keeper stops, as in a SIGKILLed worker
+    short(connect()).cast(["alive", "killed"], "ping")
+    assert len(queue_traces(path, "killed.celery.pidbox")["messages"]) == 1
+    time.sleep(0.3)
+
+    short(connect()).cast(["alive", "killed"], "ping")
+
+    limits = "SELECT name, expires, message_ttl FROM kernel_queue_limits ORDER BY name"
+    assert rows(path, limits) == [("alive.celery.pidbox", QUEUE_EXPIRES, QUEUE_TTL)]
+    assert queue_traces(path, "killed.celery.pidbox") == {
+        "queue": [],
+        "bindings": [],
+        "messages": [],
+        "limits": [],
+    }
+    assert rows(path, "SELECT queue FROM kernel_messages") == [("alive.celery.pidbox",)] * 2
+
+
+def test_consumed_queue_deleted_under_its_consumer_is_declared_again_with_its_bindings(
+    connect, caplog
+):
+    exchange = Exchange("bcast", "fanout")
+    queue = Queue("node", exchange, expires=0.2)
+    consuming, other = connect(), connect()
+    received = []
+    with consuming.Consumer(queue, callbacks=[lambda body, message: received.append(body)]):
+        other.default_channel.queue_delete("node")
+        deadline = time.monotonic() + 3
+        with caplog.at_level(logging.WARNING):
+            while "declaring it again" not in caplog.text and time.monotonic() < deadline:
+                try:
+                    consuming.drain_events(timeout=0.05)
+                except TimeoutError:
+                    pass
+        assert "queue 'node' was deleted while this channel consumed it" in caplog.text
+        broadcast(other, exchange, "still reached")
+        while not received and time.monotonic() < deadline:
+            try:
+                consuming.drain_events(timeout=0.1)
+            except TimeoutError:
+                pass
+    assert received == ["still reached"]
+
+
+def test_message_older_than_x_message_ttl_is_not_delivered_and_is_removed(connect, tmp_path):
+    queue = Queue("short-lived", Exchange("tasks", "direct"), "short-lived", message_ttl=0.2)
+    publish(connect(), queue, "stale")
+    time.sleep(0.3)
+    producer = connect().Producer(serializer="json")
+    producer.publish("fresh", exchange=queue.exchange, routing_key=queue.routing_key)
+
+    consumer = connect()  # never declared it: learns the TTL from the database
+    assert get(consumer, queue).payload == "fresh"
+    assert get(consumer, queue, timeout=0.1) is None
+    assert rows(tmp_path / "broker.db", "SELECT COUNT(*) FROM kernel_messages") == [(1,)]
+
+
+def test_fanout_publish_removes_messages_older_than_their_queue_ttl(connect, tmp_path):
+    exchange = Exchange("bcast", "fanout")
+    listener = Queue("listener", exchange, message_ttl=0.2)
+    listener(connect().default_channel).declare()
+    broadcast(connect(), exchange, "stale")
+    time.sleep(0.3)
+    broadcast(connect(), exchange, "fresh")
+
+    assert count_rows(tmp_path / "broker.db") == 1  # nobody polled: the publish removed it
+    assert get(connect(), listener).payload == "fresh"
+
+
+def test_queue_without_arguments_is_untouched_by_expiry(connect, tmp_path):
+    path = tmp_path / "broker.db"
+    exchange = Exchange("bcast", "fanout")
+    declaring = connect()
+    Queue("plain", exchange)(declaring.default_channel).declare()
+    Queue("expiring", exchange, expires=0.1, message_ttl=100)(declaring.default_channel).declare()
+    with sqlite3.connect(path) as db:  # published long ago
+        db.execute(
+            "INSERT INTO kernel_messages (queue, priority, deliver_at, payload, created_at) "
+            "VALUES ('plain', 0, 0, ?, 0)",
+            (json.dumps({"body": '"ancient"', "properties": {}, "headers": {}}),),
+        )
+    time.sleep(0.2)
+    broadcast(connect(), exchange, "new")
+
+    assert queue_traces(path, "expiring")["queue"] == []
+    plain = queue_traces(path, "plain")
+    assert (plain["queue"], plain["bindings"], plain["limits"]) == ([("plain",)], [("bcast",)], [])
+    assert len(plain["messages"]) == 2
+
+
+def test_polls_write_nothing_for_plain_queues_and_mark_expiring_ones_once_an_interval(
+    connect, monkeypatch
+):
+    monkeypatch.setattr(sqlite_messages, "USE_MARK_INTERVAL", 0.2)  # instead of 1 s
+    connection = connect()
+    plain = make_queue("plain")
+    expiring = Queue("expiring", Exchange("tasks", "direct"), "expiring", expires=10)
+    for queue in (plain, expiring):
+        queue(connection.default_channel).declare()
+    db = connection.transport.database.connection()
+
+    def writes_of_polls(queue):
+        statements = []
+        db.set_trace_callback(statements.append)
+        try:
+            for _ in range(20):
+                assert queue(connection.default_channel).get() is None
+        finally:
+            db.set_trace_callback(None)
+        return [s.split(" SET ")[0] for s in statements if not s.lstrip().startswith("SELECT")]
+
+    assert writes_of_polls(plain) == []
+    assert writes_of_polls(expiring) == []  # the declaration was a use
+    time.sleep(0.25)
+    assert writes_of_polls(expiring) == ["UPDATE kernel_queue_limits"]
+    assert writes_of_polls(plain) == []
+
+
+def test_version_2_database_gains_queue_limits_and_keeps_its_queues(connect, tmp_path):
+    path = tmp_path / "broker.db"
+    queue = make_queue()
+    publish(connect(), queue, "kept")
+
+    def make_version_2():
+        with sqlite3.connect(path) as db:  # what version 2 of the transport left behind
+            db.executescript(
+                "DROP TABLE kernel_queue_limits;"
+                "UPDATE kernel_schema SET version = 2 WHERE component = 'transport';"
+            )
+
+    make_version_2()
+    migrated = connect()
+    Queue("reply", Exchange("reply", "direct"), "reply", expires=10)(
+        migrated.default_channel
+    ).declare()
+    assert get(migrated, queue).payload == "kept"
+    with sqlite3.connect(path) as db:  # a version 2 process opened the file since
+        db.execute("UPDATE kernel_schema SET version = 2 WHERE component = 'transport'")
+    connect()  # migrating again, as racing processes may, keeps the limits
+
+    version = "SELECT version FROM kernel_schema WHERE component = 'transport'"
+    assert rows(path, version) == [(SCHEMA_VERSION,)]
+    limits = "SELECT name, expires, message_ttl FROM kernel_queue_limits"
+    assert rows(path, limits) == [("reply", 10.0, None)]
+    assert rows(path, "SELECT name FROM kernel_queues ORDER BY name") == [("reply",), ("work",)]
+
+
+def test_bad_x_expires_is_refused_naming_the_queue_and_the_value(connect):
+    bad = Queue("bad", Exchange("tasks", "direct"), "bad", queue_arguments={"x-expires": 0})
+    with pytest.raises(ConfigurationError, match=r"queue 'bad': argument x-expires=0 must be"):
+        bad(connect().default_channel).declare()

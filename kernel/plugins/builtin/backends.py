@@ -11,11 +11,12 @@ def kernel_result_backends():
             name="sqlite",
             schemes=["sqlite"],
             factory="kernel.backends.sqlite:SQLiteBackend",
-            features={"cross_process"},
+            features={"cross_process", "chords"},
         ),
         BackendSpec(
             name="memory",
             schemes=["cache+memory", "memory"],
             factory="kernel.backends.memory:MemoryBackend",
+            features={"chords"},
         ),
     ]

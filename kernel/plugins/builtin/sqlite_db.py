@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -96,7 +97,7 @@ class Database:
         )
         try:
             connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            connection.execute("PRAGMA journal_mode = WAL")
+            self._use_wal(connection)
             connection.execute("PRAGMA synchronous = NORMAL")
             if self._schema_version(connection) != self.version:
                 connection.executescript(
@@ -112,6 +113,34 @@ class Database:
             connection.close()
             raise
         return connection
+
+    def _use_wal(self, connection: sqlite3.Connection) -> None:
+        """Switch the file to WAL mode, waiting out other connections doing the same.
+
+        SQLite answers a journal-mode change that races another one with "database
+        is locked" at once, without consulting the busy timeout, so connections
+        opening a new file together retry here (bounded by ``busy_timeout``).
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    connection.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise sqlite3.OperationalError(
+                        f"could not switch {self.path} to WAL mode within "
+                        f"{self.busy_timeout:g} s because another connection kept it "
+                        "locked; check for a process holding the file open in a long "
+                        "transaction"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def _schema_version(self, connection: sqlite3.Connection) -> int | None:
         try:

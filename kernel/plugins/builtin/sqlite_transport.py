@@ -9,7 +9,12 @@ Features
 * Supports Priority: Yes (a higher number is delivered first, as in RabbitMQ); within
   one priority, messages go out in the order they became deliverable: publish time,
   ``x-deliver-at`` for a delayed message, lease expiry for one whose consumer died
-* Supports TTL: No
+* Supports TTL: Yes, the queue arguments ``x-expires`` (delete a queue unused that
+  long: not declared, polled, or consumed by a live channel) and ``x-message-ttl`` (drop
+  messages older than that), in milliseconds, as ``Queue(expires=..., message_ttl=...)``
+  sends them. There is no timer: a fanout publish (at most once a second per channel)
+  and the declaration of a queue with either argument delete what has expired, and a
+  consumer that knows its queue's TTL drops expired messages instead of receiving them.
 * Delayed delivery: Yes (header ``x-deliver-at``: epoch seconds; the message stays
   invisible until then)
 * Delivery count: Yes (header ``x-delivery-count``: deliveries before this one, as in
@@ -43,13 +48,13 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import threading
 import time
 import uuid
 from queue import Empty
 from typing import Any
 
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.exchange import DirectExchange as VirtualDirectExchange
 from kombu.utils.json import dumps
 
@@ -67,11 +72,17 @@ from kernel.plugins.builtin.sqlite_messages import (
     SCHEMA,
     SCHEMA_VERSION,
     VISIBLE_AT,
+    LimitedQueues,
+    QueueLimits,
+    Started,
     decode_payload,
+    drop_expired_messages,
     message_deliver_at,
     message_priority,
     parse_tag,
     renew_leases,
+    start_thread,
+    stop_thread,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,7 +149,8 @@ class Channel(virtual.Channel):
         #: Lease owner id of the rows this channel has claimed.
         self.owner = uuid.uuid4().hex
         self._no_ack_queues: set[str] = set()
-        self._renewer: tuple[int, threading.Thread, threading.Event] | None = None
+        self._renewer: Started | None = None
+        self.limited = LimitedQueues(self.database, self.owner)
 
     def _execute(self, sql: str, parameters: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self.database.connection().execute(sql, parameters)
@@ -196,6 +208,7 @@ class Channel(virtual.Channel):
         priority = message_priority(message)
         deliver_at = message_deliver_at(message, f"bound to exchange {exchange!r}", now)
         with self.database.transaction() as connection:
+            self.limited.clean_up(connection, now, throttle=True)
             queues = [
                 row[0]
                 for row in connection.execute(
@@ -220,12 +233,21 @@ class Channel(virtual.Channel):
         which case the next candidate is tried.
         """
         connection = self.database.connection()
+        message_ttl = None
+        limits = self.limited.of(queue)
+        if limits is not None:
+            if self.limited.polled(queue, limits):
+                self._redeclare(queue, limits)
+            message_ttl = limits.message_ttl
         for _ in range(CLAIM_ATTEMPTS):
             now = time.time()
             row = self._candidate(connection, queue, now)
             if row is None:
                 raise Empty()
-            row_id, payload, previous = row
+            row_id, payload, previous, created_at = row
+            if message_ttl is not None and created_at < now - message_ttl:
+                drop_expired_messages(connection, queue, message_ttl, now)
+                continue
             if remove:
                 cursor = connection.execute(
                     "DELETE FROM kernel_messages WHERE id = ? AND delivery_count = ? "
@@ -254,17 +276,18 @@ class Channel(virtual.Channel):
     @staticmethod
     def _candidate(
         connection: sqlite3.Connection, queue: str, now: float
-    ) -> tuple[int, Any, int] | None:
-        """The best row of ``queue`` visible at ``now``: (id, payload, delivery_count)."""
+    ) -> tuple[int, Any, int, float] | None:
+        """The best row of ``queue`` visible at ``now``: (id, payload, delivery_count,
+        created_at)."""
         below = ABOVE_EVERY_PRIORITY
         while True:
-            priority, row_id, payload, previous = connection.execute(
+            priority, row_id, payload, previous, created_at = connection.execute(
                 CANDIDATE, {"queue": queue, "below": below, "now": now}
             ).fetchone()
             if priority is None:
                 return None
             if row_id is not None:
-                return row_id, payload, previous
+                return row_id, payload, previous, created_at
             below = priority
 
     @staticmethod
@@ -336,33 +359,25 @@ class Channel(virtual.Channel):
     # -- leases ---------------------------------------------------------------------
 
     def _ensure_renewer(self) -> None:
-        pid = os.getpid()
-        if self._renewer is not None and self._renewer[0] == pid:
-            return
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=renew_leases,
-            args=(self.database, self.owner, self.visibility_timeout, stop),
-            name=f"kernel-sqlite-leases-{self.owner[:8]}",
-            daemon=True,
-        )
-        self._renewer = (pid, thread, stop)
-        thread.start()
+        if self._renewer is None or self._renewer[0] != os.getpid():
+            self._renewer = start_thread(
+                f"kernel-sqlite-leases-{self.owner[:8]}",
+                renew_leases,
+                self.database,
+                self.owner,
+                self.visibility_timeout,
+            )
 
     def _stop_renewer(self) -> None:
         renewer, self._renewer = self._renewer, None
-        if renewer is None or renewer[0] != os.getpid():
-            return
-        _, thread, stop = renewer
-        stop.set()
-        if thread is not threading.current_thread():
-            thread.join(timeout=5)
+        stop_thread(renewer)
 
     def close(self) -> None:
         try:
             super().close()  # restores unacked messages while leases still hold
         finally:
             self._stop_renewer()
+            self.limited.close()
 
     # -- consuming ------------------------------------------------------------------
 
@@ -382,20 +397,47 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         else:
             self._no_ack_queues.discard(queue)
+        self.limited.consumed(queue)
 
     def basic_cancel(self, consumer_tag: str) -> None:
         queue = self._tag_to_queue.get(consumer_tag)
         super().basic_cancel(consumer_tag)
         if queue not in self._active_queues:
             self._no_ack_queues.discard(queue)
+            self.limited.cancelled(queue)
 
     # -- queues ---------------------------------------------------------------------
 
-    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        """``Queue(expires=..., message_ttl=...)`` become ``x-expires``, ``x-message-ttl``.
+
+        kombu's virtual channels drop them; its AMQP transports convert them so.
+        """
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def _new_queue(self, queue: str, arguments: Any = None, **kwargs: Any) -> None:
+        limits = QueueLimits.from_arguments(queue, arguments)
+        if limits is not None:
+            self.limited.declare(queue, limits)
+            return
         self._execute(
             "INSERT OR IGNORE INTO kernel_queues (name, created_at) VALUES (?, ?)",
             (queue, time.time()),
         )
+
+    def _redeclare(self, queue: str, limits: QueueLimits) -> None:
+        """Declare a consumed queue found deleted again, with this process's bindings."""
+        logger.warning(
+            "sqlite transport: queue %r was deleted while this channel consumed it (the "
+            "process stalled for longer than its x-expires, %s s, or another process "
+            "deleted it); declaring it again: messages sent to it meanwhile are lost",
+            queue,
+            limits.expires,
+        )
+        self._new_queue(queue, limits.arguments())
+        for exchange, routing_key, arguments in self.state.queue_bindings(queue):
+            meta = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
+            self._queue_bind(exchange, *meta)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         sql = (
@@ -419,6 +461,8 @@ class Channel(virtual.Channel):
             connection.execute("DELETE FROM kernel_messages WHERE queue = ?", (queue,))
             connection.execute("DELETE FROM kernel_bindings WHERE queue = ?", (queue,))
             connection.execute("DELETE FROM kernel_queues WHERE name = ?", (queue,))
+            connection.execute("DELETE FROM kernel_queue_limits WHERE name = ?", (queue,))
+        self.limited.forget(queue)
 
     def queue_delete(
         self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any

@@ -21,10 +21,19 @@ plugins the same way, so it needs your plugin installed (an entry point) or name
 ``KERNEL_PLUGINS``.
 
 Every test uses its own task ids (uuid4), and every wait is bounded.
+
+Groups (``save_group``/``restore_group``/``delete_group``) are tested on every
+backend. The chord tests run when ``backend.supports_chords`` is true and are skipped
+with the reason otherwise. They report header tasks the way a worker does (store the
+result, then ``on_chord_part_return(request, state, result)``) and read the chord's
+body message back from the app's in-process memory broker, in a queue of the test's
+own; the cross-process chord test starts ``chord_processes`` Python processes that each
+report the same last parts at once and say how many bodies they sent.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -34,15 +43,17 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
 
+import kombu
 import pytest
 
 from kernel import states
 from kernel.app import App
-from kernel.exceptions import TaskRevokedError, TimeoutError
+from kernel.exceptions import ChordError, TaskRevokedError, TimeoutError
 from kernel.plugins.manager import PluginManager
-from kernel.result import AsyncResult
+from kernel.result import AsyncResult, GroupResult
 from kernel.task import Context
 
 #: The fields of Celery's stored result document.
@@ -77,6 +88,47 @@ CROSS_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
+CHORD_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+    import time
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import kombu
+
+    from kernel.app import App
+    from kernel.plugins.manager import PluginManager
+
+    url, spec_path, ready_path, go_path = sys.argv[1:5]
+    spec = json.loads(Path(spec_path).read_text())
+    app = App("backend-contract-chord", broker="memory://", backend=url,
+              plugins=PluginManager().load())
+    backend = app.backend
+    backend.get_task_meta(spec["part_ids"][0])  # connect before the start signal
+    Path(ready_path).touch()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go_path):
+        if time.monotonic() > deadline:
+            sys.exit("no start signal within 60s")
+        time.sleep(0.005)
+    for part_id in spec["part_ids"]:
+        request = SimpleNamespace(id=part_id, group=spec["group_id"], chord=spec["body"],
+                                  root_id=None)
+        backend.on_chord_part_return(request, "SUCCESS", None)
+    sent = 0
+    with app.connection() as connection:
+        queue = kombu.Queue(spec["queue"], routing_key=spec["queue"])(connection.default_channel)
+        while queue.get(no_ack=True) is not None:
+            sent += 1
+    print(sent)
+    app.close()
+    """
+)
+
+
 class ContractError(Exception):
     """An importable exception class the failure tests store and read back."""
 
@@ -99,6 +151,74 @@ def _wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
         time.sleep(interval)
 
 
+def _sent_messages(app: App, queue_name: str) -> list[Any]:
+    """Take every message waiting in ``queue_name`` of the app's broker."""
+    messages = []
+    with app.connection() as connection:
+        queue = kombu.Queue(queue_name, routing_key=queue_name)(connection.default_channel)
+        while (message := queue.get(no_ack=True)) is not None:
+            messages.append(message)
+    return messages
+
+
+class _Chord:
+    """A chord applied to the backend under test, with helpers that play the worker."""
+
+    def __init__(
+        self, app: App, backend: Any, size: int, link_error: bool = False, apply: bool = True
+    ) -> None:
+        self.app, self.backend = app, backend
+        self.group_id = str(uuid.uuid4())
+        self.header_ids = [str(uuid.uuid4()) for _ in range(size)]
+        self.body_id = str(uuid.uuid4())
+        self.queue = f"backend-contract.{uuid.uuid4().hex}"
+        self.errback_queue = f"{self.queue}.errbacks"
+        options: dict[str, Any] = {"task_id": self.body_id, "queue": self.queue}
+        if link_error:
+            options["link_error"] = [
+                {
+                    "task": "backend_contract.on_chord_error",
+                    "args": [],
+                    "kwargs": {},
+                    "options": {"queue": self.errback_queue},
+                    "subtask_type": None,
+                    "immutable": False,
+                }
+            ]
+        self.body = {
+            "task": "backend_contract.chord_body",
+            "args": [],
+            "kwargs": {},
+            "options": options,
+            "subtask_type": None,
+            "immutable": False,
+        }
+        if apply:
+            self.backend.apply_chord(self.group_id, list(self.header_ids), self.body)
+
+    def request(self, task_id: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            id=task_id, group=self.group_id, chord=self.body, root_id=self.header_ids[0]
+        )
+
+    def finish(self, index: int, value: Any = None, state: str = states.SUCCESS) -> None:
+        """Store header task ``index``'s outcome, as the worker does, and report it."""
+        task_id = self.header_ids[index]
+        if value is None:
+            value = index
+        self.backend.store_result(task_id, value, state)
+        self.report(index, value, state)
+
+    def report(self, index: int, value: Any = None, state: str = states.SUCCESS) -> None:
+        self.backend.on_chord_part_return(self.request(self.header_ids[index]), state, value)
+
+    def bodies(self) -> list[Any]:
+        return _sent_messages(self.app, self.queue)
+
+    def errbacks(self) -> list[Any]:
+        return _sent_messages(self.app, self.errback_queue)
+
+
 class BackendContract:
     """Behaviour every result backend provides; subclass as ``TestXxx``."""
 
@@ -113,6 +233,10 @@ class BackendContract:
     #: Threads and results per thread of the concurrency test.
     writer_threads: int = 8
     results_per_writer: int = 50
+    #: Threads, and processes (``cross_process`` backends), reporting a chord's last parts
+    #: at once.
+    chord_threads: int = 8
+    chord_processes: int = 4
 
     # -- fixtures -----------------------------------------------------------------------
 
@@ -361,3 +485,265 @@ class BackendContract:
         meta = backend.wait_for(task_id, timeout=self.wait_timeout)
         assert meta["status"] == states.SUCCESS
         assert meta["result"]["from"] == "child"
+
+    # -- groups -------------------------------------------------------------------------
+
+    def test_saved_group_is_restored_with_its_members_in_order(self, backend_app, backend):
+        group_id = self.new_id()
+        member_ids = [self.new_id() for _ in range(5)]
+        saved = GroupResult(group_id, [AsyncResult(i, backend_app) for i in member_ids])
+        backend.save_group(group_id, saved)
+
+        restored = backend.restore_group(group_id)
+        assert isinstance(restored, GroupResult)
+        assert restored.id == group_id
+        assert [r.id for r in restored.results] == member_ids
+        assert restored == saved
+
+    def test_restored_group_reads_its_members_results(self, backend_app, backend):
+        group_id, member_ids = self.new_id(), [self.new_id(), self.new_id()]
+        GroupResult(group_id, [AsyncResult(i, backend_app) for i in member_ids]).save(backend)
+        for n, member_id in enumerate(member_ids):
+            backend.store_result(member_id, n * 10, states.SUCCESS)
+
+        restored = GroupResult.restore(group_id, app=backend_app, backend=backend)
+        assert restored.get(timeout=self.wait_timeout) == [0, 10]
+
+    def test_nested_group_is_restored_as_a_group_inside_the_group(self, backend_app, backend):
+        group_id, inner_id, first, second = (self.new_id() for _ in range(4))
+        inner = GroupResult(inner_id, [AsyncResult(second, backend_app)])
+        backend.save_group(
+            group_id, GroupResult(group_id, [AsyncResult(first, backend_app), inner])
+        )
+
+        restored = backend.restore_group(group_id)
+        assert restored.results[0] == AsyncResult(first, backend_app)
+        assert isinstance(restored.results[1], GroupResult)
+        assert restored.results[1].id == inner_id
+        assert [r.id for r in restored.results[1].results] == [second]
+
+    def test_restore_of_an_unknown_group_is_none(self, backend):
+        assert backend.restore_group(self.new_id()) is None
+
+    def test_deleted_group_is_not_restored(self, backend_app, backend):
+        group_id = self.new_id()
+        backend.save_group(
+            group_id, GroupResult(group_id, [AsyncResult(self.new_id(), backend_app)])
+        )
+        backend.delete_group(group_id)
+        assert backend.restore_group(group_id) is None
+
+    def test_saved_group_disappears_after_result_expires(self, backend_url, backend_plugins):
+        app = self.make_app(backend_url, backend_plugins, result_expires=self.expires_after)
+        try:
+            group_id = self.new_id()
+            app.backend.save_group(
+                group_id, GroupResult(group_id, [AsyncResult(self.new_id(), app)])
+            )
+            assert app.backend.restore_group(group_id) is not None
+            gone = _wait_until(
+                lambda: app.backend.restore_group(group_id) is None, self.expiry_timeout
+            )
+            assert gone, f"group still restorable {self.expiry_timeout}s after it expired"
+        finally:
+            app.close()
+
+    def test_many_results_are_read_in_the_order_asked(self, backend):
+        task_ids = [self.new_id() for _ in range(1200)]
+        for n, task_id in enumerate(task_ids[::2]):
+            backend.store_result(task_id, n, states.SUCCESS)
+
+        metas = backend.get_task_metas(task_ids)
+        assert [m["task_id"] for m in metas] == task_ids
+        assert [m["result"] for m in metas[::2]] == list(range(600))
+        assert {m["status"] for m in metas[1::2]} == {states.PENDING}
+
+    # -- chords -------------------------------------------------------------------------
+
+    @pytest.fixture
+    def chord(self, backend_app, backend) -> Any:
+        """Builds chords: ``chord(size)`` applies one and returns a handle."""
+        if not backend.supports_chords:
+            pytest.skip(f"{type(backend).__name__}.supports_chords is False")
+
+        @backend_app.task(name="backend_contract.chord_body")
+        def chord_body(values):
+            return values
+
+        return lambda size, **options: _Chord(backend_app, backend, size, **options)
+
+    def test_chord_body_is_sent_with_the_header_values_in_member_order(self, chord):
+        c = chord(3)
+        for index, value in [(2, "c"), (0, "a")]:
+            c.finish(index, value)
+            assert c.bodies() == [], "the body was sent before every header task finished"
+        c.finish(1, "b")
+
+        [message] = c.bodies()
+        args, kwargs, _embed = message.decode()
+        assert args == [["a", "b", "c"]]
+        assert message.headers["id"] == c.body_id
+        assert message.headers["task"] == "backend_contract.chord_body"
+        assert message.headers["parent_id"] == c.header_ids[1]
+        assert message.headers["root_id"] == c.header_ids[0]
+
+    def test_chord_part_reported_twice_is_counted_once(self, chord):
+        c = chord(2)
+        c.finish(0)
+        c.report(0)  # the same header task, redelivered and run again
+        assert c.bodies() == [], "a duplicate report counted as another header task"
+
+        c.finish(1)
+        assert len(c.bodies()) == 1
+
+    def test_late_duplicate_report_after_the_chord_fired_sends_nothing(self, chord, backend):
+        c = chord(2)
+        c.finish(0)
+        c.finish(1)
+        assert len(c.bodies()) == 1
+
+        c.report(0)
+        c.report(1)
+        assert c.bodies() == []
+        assert backend.get_task_meta(c.body_id)["status"] == states.PENDING
+
+    def test_chord_body_is_sent_once_when_threads_report_the_last_parts_at_once(
+        self, chord, backend
+    ):
+        c = chord(self.chord_threads * 2)
+        for index in range(self.chord_threads):
+            c.finish(index)
+        last = list(range(self.chord_threads, self.chord_threads * 2))
+        for index in last:  # stored before anyone reports, as by workers finishing together
+            backend.store_result(c.header_ids[index], index, states.SUCCESS)
+        start = threading.Barrier(self.chord_threads, timeout=self.wait_timeout)
+        errors: list[BaseException] = []
+
+        def report_all(offset: int) -> None:
+            try:
+                start.wait()
+                # every thread reports every last part (redeliveries), each in its own order
+                for index in last[offset:] + last[:offset]:
+                    c.report(index)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=report_all, args=(n,)) for n in range(self.chord_threads)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(self.wait_timeout * 3)
+        assert not any(t.is_alive() for t in threads), "reporting threads did not finish"
+        assert errors == []
+
+        bodies = c.bodies()
+        assert len(bodies) == 1, f"the chord body was sent {len(bodies)} times"
+        assert bodies[0].decode()[0] == [list(range(self.chord_threads * 2))]
+
+    def test_chord_body_is_sent_once_when_processes_report_the_last_parts_at_once(
+        self, chord, backend, backend_url, tmp_path
+    ):
+        if not self.cross_process:
+            pytest.skip(f"{type(self).__name__}.cross_process is False")
+        processes = self.chord_processes
+        c = chord(processes * 2)
+        for index in range(processes):
+            c.finish(index)
+        last = list(range(processes, processes * 2))
+        for index in last:
+            backend.store_result(c.header_ids[index], index, states.SUCCESS)
+        go = tmp_path / "go"
+        children = []
+        for n in range(processes):
+            order = last[n:] + last[:n]
+            spec = tmp_path / f"chord-{n}.json"
+            spec.write_text(
+                json.dumps(
+                    {
+                        "group_id": c.group_id,
+                        "body": c.body,
+                        "queue": c.queue,
+                        "part_ids": [c.header_ids[i] for i in order],
+                    }
+                )
+            )
+            ready = tmp_path / f"ready-{n}"
+            children.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        CHORD_PROCESS_SCRIPT,
+                        backend_url,
+                        str(spec),
+                        str(ready),
+                        str(go),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        try:
+            all_ready = _wait_until(
+                lambda: all((tmp_path / f"ready-{n}").exists() for n in range(processes)), 60
+            )
+            go.touch()
+            outputs = [child.communicate(timeout=60) for child in children]
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        assert all_ready, "the reporting processes did not start within 60s"
+        for child, (_out, err) in zip(children, outputs, strict=True):
+            assert child.returncode == 0, f"reporting process failed:\n{err}"
+        sent = [int(out.strip() or 0) for out, _err in outputs]
+        assert sum(sent) == 1, f"bodies sent per process: {sent}"
+
+    def test_failed_header_task_fails_the_body_with_a_chord_error_naming_it(
+        self, chord, backend_app, backend
+    ):
+        c = chord(3, link_error=True)
+        c.finish(0)
+        exc, text = _failure()
+        backend.mark_as_failure(c.header_ids[1], exc, text)
+        c.report(1, exc, states.FAILURE)
+        c.finish(2)
+
+        assert c.bodies() == [], "the body was sent although a header task failed"
+        meta = backend.get_task_meta(c.body_id)
+        assert meta["status"] == states.FAILURE
+        assert meta["result"]["exc_type"] == "ChordError"
+        assert meta["result"]["exc_module"] == "celery.exceptions"
+        expected = f"Dependency {c.header_ids[1]} raised ContractError('disk full', 28)"
+        assert meta["result"]["exc_message"] == [expected]
+        with pytest.raises(ChordError, match="Dependency"):
+            AsyncResult(c.body_id, backend_app).get(timeout=self.wait_timeout)
+
+        [errback] = c.errbacks()
+        assert errback.headers["task"] == "backend_contract.on_chord_error"
+        assert errback.decode()[0] == [c.body_id]
+
+    def test_revoked_header_task_fails_the_body(self, chord, backend):
+        c = chord(2)
+        backend.mark_as_revoked(c.header_ids[0], "revoked")
+        c.report(0, None, states.REVOKED)
+        c.finish(1)
+
+        assert c.bodies() == []
+        meta = backend.get_task_meta(c.body_id)
+        assert meta["status"] == states.FAILURE
+        assert meta["result"]["exc_type"] == "ChordError"
+        assert c.header_ids[0] in meta["result"]["exc_message"][0]
+
+    def test_part_of_a_chord_the_backend_does_not_know_fails_the_body(self, chord, backend):
+        c = chord(2, apply=False)  # never applied here, or its group expired
+        c.finish(0)
+
+        meta = backend.get_task_meta(c.body_id)
+        assert meta["status"] == states.FAILURE
+        assert meta["result"]["exc_message"] == [f"GroupResult {c.group_id} no longer exists"]
+        assert c.bodies() == []

@@ -33,6 +33,7 @@ import pytest
 
 from kernel import states
 from kernel.app import App
+from kernel.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from kernel.plugins.manager import PluginManager
 from kernel.testing.pytest_plugin import start_worker, stop_worker
 from kernel.worker.worker import Worker
@@ -98,7 +99,18 @@ def define_tasks(app: App) -> None:
     @app.task(name="pool_contract.hold")
     def hold(marker: str, seconds: float) -> str:
         Path(marker).touch()
-        time.sleep(seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:  # short sleeps: interruptions land promptly
+            time.sleep(0.02)
+        return "finished"
+
+    @app.task(name="pool_contract.clean_up")
+    def clean_up(seconds: float) -> str:
+        """Catches its soft time limit, as a task that cleans up would."""
+        try:
+            hold.run(os.devnull, seconds)
+        except SoftTimeLimitExceeded:
+            return "cleaned up"
         return "finished"
 
 
@@ -156,8 +168,19 @@ class PoolContract:
         yield running
         running.stop()
 
-    def send(self, app: App, name: str, *args: Any) -> Any:
-        return app.send_task(f"pool_contract.{name}", args)
+    def send(self, app: App, name: str, *args: Any, **options: Any) -> Any:
+        return app.send_task(f"pool_contract.{name}", args, **options)
+
+    def require(self, app: App, pool: str, control: str) -> None:
+        """Skip unless the pool declares ``control`` in its ``PoolSpec.supports``."""
+        if control not in app.plugins.pool(pool).supports:
+            pytest.skip(f"pool {pool!r} does not declare {control!r} in PoolSpec.supports")
+
+    def wait_for_file(self, path: Path) -> None:
+        deadline = time.monotonic() + self.result_timeout
+        while not path.exists():
+            assert time.monotonic() < deadline, f"{path.name} did not appear"
+            time.sleep(0.01)
 
     # -- results ------------------------------------------------------------------------
 
@@ -211,6 +234,32 @@ class PoolContract:
 
         overlap = max(sum(1 for s, e in intervals if s <= start < e) for start, _ in intervals)
         assert overlap <= slots
+
+    # -- controls (each only for pools that declare it) -----------------------------------
+
+    def test_soft_time_limit_is_raised_inside_the_task(self, pool_app, pool, running):
+        self.require(pool_app, pool, "soft_time_limit")
+        result = self.send(pool_app, "clean_up", 30, soft_time_limit=0.5)
+        assert result.get(timeout=self.result_timeout) == "cleaned up"
+
+    def test_hard_time_limit_fails_the_task_and_the_pool_goes_on(self, pool_app, pool, running):
+        self.require(pool_app, pool, "hard_time_limit")
+        result = self.send(pool_app, "hold", os.devnull, 30, time_limit=1)
+        with pytest.raises(TimeLimitExceeded):
+            result.get(timeout=self.result_timeout)
+        assert self.send(pool_app, "add", 2, 2).get(timeout=self.result_timeout) == 4
+
+    def test_revoke_with_terminate_stops_the_running_task(self, pool_app, pool, running, tmp_path):
+        self.require(pool_app, pool, "terminate_task")
+        marker = tmp_path / "started"
+        result = self.send(pool_app, "hold", str(marker), 30)
+        self.wait_for_file(marker)
+        result.revoke(terminate=True)
+        deadline = time.monotonic() + self.result_timeout
+        while result.state != states.REVOKED:
+            assert time.monotonic() < deadline, f"task still {result.state} after revoke"
+            time.sleep(0.02)
+        assert self.send(pool_app, "add", 1, 2).get(timeout=self.result_timeout) == 3
 
     # -- shutdown -----------------------------------------------------------------------
 
