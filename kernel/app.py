@@ -298,11 +298,19 @@ class App:
                 self._backend = spec.load()(self, url)
         return self._backend
 
-    def signature(self, name: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        """A signature of task ``name`` (its code need not be importable here)."""
+    def signature(
+        self,
+        name: Any,
+        args: Any = None,
+        kwargs: Any = None,
+        options: dict | None = None,
+        **extra_options: Any,
+    ) -> Any:
+        """A signature of task ``name`` (its code need not be importable here); options
+        as an ``options`` dict and/or keywords, as Celery takes them."""
         from kernel.canvas import signature
 
-        return signature(name, args, kwargs, app=self, **options)
+        return signature(name, args, kwargs, options, app=self, **extra_options)
 
     def GroupResult(self, group_id: str, results: Any = None) -> Any:  # noqa: N802
         from kernel.result import GroupResult

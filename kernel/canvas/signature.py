@@ -289,14 +289,23 @@ def _sendable(options: dict) -> dict:
 
 
 def signature(
-    task: Any, args: Any = None, kwargs: Any = None, app: Any = None, **options: Any
+    task: Any,
+    args: Any = None,
+    kwargs: Any = None,
+    options: dict | None = None,
+    app: Any = None,
+    **extra_options: Any,
 ) -> Signature:
-    """A signature from a task, a task name, or a signature dict (any canvas type)."""
+    """A signature from a task, a task name, or a signature dict (any canvas type).
+
+    Options come as Celery takes them: an ``options`` dict, keyword options
+    (``queue=...``), or both (keywords win); ``immutable=True`` makes it immutable.
+    """
     if isinstance(task, Signature):
         return task
     if isinstance(task, dict):
         return Signature.from_dict(task, app=app)
-    return Signature(task, args, kwargs, options, app=app)
+    return Signature(task, args, kwargs, options, app=app, **extra_options)
 
 
 def maybe_signature(value: Any, app: Any = None) -> Any:

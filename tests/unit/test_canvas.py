@@ -68,6 +68,15 @@ def test_signature_dict_has_celerys_six_keys_and_survives_json(tasks):
     assert back == sig and back.options == {"countdown": 1}
 
 
+def test_signature_takes_options_as_a_dict_and_as_keywords(kernel_app):
+    sig = kernel_app.signature(
+        "remote.task", (1,), options={"queue": "a", "priority": 3}, queue="b", immutable=True
+    )
+    assert sig.options == {"queue": "b", "priority": 3}
+    assert sig.immutable and list(sig.args) == [1]
+    assert signature("remote.task", options={"countdown": 5}).options == {"countdown": 5}
+
+
 def test_partial_arguments_prepend_args_and_new_kwargs_win(tasks):
     sig = tasks.add.s(2).set(queue="a")
     clone = sig.clone((1,), {"z": 3}, queue="b")
