@@ -1,0 +1,86 @@
+"""Acknowledgement emulation for the Redis broker: leases that live as long as their worker.
+
+kombu's Redis QoS records each delivery in the ``unacked`` hash and scores it in
+``unacked_index`` with the consumer's clock; this one scores it with the server's
+clock (so hosts whose clocks disagree still agree on expiry), lets the channel's
+:class:`~kernel_redis.leases.LeaseKeeper` renew the score while the consumer lives,
+and puts messages back through one Lua script so that a message is restored once,
+with its ``x-delivery-count`` raised when the delivery counted as an attempt.
+
+An ack that fails because Redis is unreachable is not lost: the message keeps its
+lease and the ack is sent when Redis answers again, so a task that finished during an
+outage is not run a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kombu.transport import virtual
+from kombu.transport.redis import QoS as KombuRedisQoS
+
+from kernel_redis import scripts
+from kernel_redis.messages import stored_delivery
+
+logger = logging.getLogger(__name__)
+
+
+class QoS(KombuRedisQoS):
+    """kombu's Redis QoS with server-clock leases, deferred acks and counted restores."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        channel = self.channel
+        channel.run_script(
+            scripts.HOLD,
+            [channel.full_key(self.unacked_key), channel.full_key(self.unacked_index_key)],
+            [delivery_tag, stored_delivery(message._raw)],
+        )
+        virtual.QoS.append(self, message, delivery_tag)
+        channel.keep_leases()
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            self._remove_from_indices(delivery_tag).execute()
+        except self.channel.connection_errors as exc:
+            keeper = self.channel.keep_leases()
+            keeper.defer_ack(delivery_tag)
+            logger.warning(
+                "redis transport: could not ack message %s (%s: %s); its lease is kept "
+                "and the ack is sent when Redis answers again",
+                delivery_tag,
+                type(exc).__name__,
+                exc,
+            )
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            # Back of the queue, counted as an attempt (RabbitMQ's quorum queues count
+            # a rejected delivery the same way).
+            self.channel.restore_tags([delivery_tag], attempted=True, to_back=True)
+        else:
+            self._remove_from_indices(delivery_tag).execute()
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> list[tuple[Exception, Any]]:
+        """Hand back what this channel still holds (shutdown): front of the queue, not
+        counted as an attempt, since a warm shutdown only returns unstarted messages."""
+        self._flush()
+        tags = [tag for tag in self._delivered if tag not in self._dirty]
+        self._delivered.clear()
+        errors: list[tuple[Exception, Any]] = []
+        try:
+            self.channel.restore_tags(tags, attempted=False, to_back=False)
+        except self.channel.connection_errors as exc:
+            logger.warning(
+                "redis transport: could not hand back %d unacked message(s) (%s); they "
+                "return to their queues once their leases expire",
+                len(tags),
+                exc,
+            )
+            errors.append((exc, tags))
+        return errors
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """Replaced by the channel's lease keeper, which sweeps on its own schedule."""

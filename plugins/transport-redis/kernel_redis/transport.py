@@ -1,0 +1,359 @@
+"""The Redis broker: kombu's Redis transport with leases, delayed delivery and counts.
+
+Messages, priorities and bindings keep kombu's key layout, so Celery processes share
+the queues: a queue is one list per priority step (``<queue>`` and
+``<queue>\\x06\\x16<step>``; publish LPUSH, consume RPOP/BRPOP), bindings are sets
+``_kombu.binding.<exchange>``, deliveries awaiting their ack live in the ``unacked``
+hash and ``unacked_index`` sorted set, and fanout exchanges are pub/sub channels
+(a broadcast reaches the queues being consumed when it is sent, as in Celery).
+
+What this transport changes, and why:
+
+- **Leases** (:mod:`kernel_redis.leases`): a consuming channel renews the deliveries
+  it holds, so a task running longer than ``visibility_timeout`` (30 s here, an hour
+  in Celery) is never delivered twice, while a dead worker's messages are back within
+  about ``visibility_timeout``.
+- **Delayed delivery**: a message whose ``x-deliver-at`` header is in the future waits
+  in the sorted set ``<queue>\\x06\\x16delayed`` until a consumer of the queue moves
+  it to the queue's list when due, so ETA tasks survive restarts and never occupy a
+  worker's prefetch slots.
+- **Delivery counts**: a message put back after a delivery that counted as an attempt
+  (its consumer died, or rejected it with requeue) carries ``x-delivery-count`` + 1,
+  which bounds redelivery of poison messages.
+- **Priorities**: 9 is served first, as on AMQP and kernel's other transports (kombu's
+  Redis transport serves 0 first); ``priority_lowest_first=True`` restores kombu's order.
+- **Queue existence**: an empty declared queue still exists (for ``inspect`` and
+  ``queue_declare(passive=True)``); kombu forgets a queue whose lists are empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from queue import Empty
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
+
+from kernel_redis import messages, scripts
+from kernel_redis.leases import LeaseKeeper
+from kernel_redis.qos import QoS
+
+logger = logging.getLogger(__name__)
+
+#: Options of ``broker_transport_options`` this transport adds to kombu's.
+KERNEL_OPTIONS = (
+    "priority_lowest_first",
+    "delayed_delivery",
+    "delayed_poll_interval",
+    "restore_batch",
+)
+
+
+class LeasedChannel:
+    """What kernel adds to a kombu Redis channel (mixed into plain and sentinel ones)."""
+
+    QoS = QoS
+
+    #: Seconds a delivery stays leased without renewal; its consumer renews it every
+    #: third of that while it lives.
+    visibility_timeout: float = 30
+    #: Serve priority 0 first (kombu's Redis order) instead of 9 first.
+    priority_lowest_first: bool = False
+    #: Hold messages with a future ``x-deliver-at`` in Redis (False: deliver at once,
+    #: the consumer holds them; for queues also consumed by Celery workers, which do
+    #: not move delayed messages).
+    delayed_delivery: bool = True
+    #: Seconds between a consumer's looks for newly due delayed messages of a queue.
+    delayed_poll_interval: float = 0.5
+    #: Most expired leases restored per sweep, and delayed messages moved per look.
+    restore_batch: int = 100
+    #: Set of the queues declared through this transport (kernel's own key).
+    declared_queues_key = "_kernel.queues"
+
+    _keeper: LeaseKeeper | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._keeper_lock = threading.Lock()
+        self._next_promotion: dict[str, float] = {}
+        self._scripts: dict[str, Any] = {}
+        super().__init__(*args, **kwargs)
+
+    # -- keys and scripts ------------------------------------------------------------
+
+    def full_key(self, key: str) -> str:
+        """``key`` with ``global_keyprefix``: what scripts and the raw client need."""
+        return f"{self.global_keyprefix or ''}{key}"
+
+    @property
+    def raw(self) -> Any:
+        """A client that does not prefix keys (kombu's prefixes only some commands)."""
+        import redis
+
+        return redis.Redis(connection_pool=self.pool)
+
+    def run_script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.raw.register_script(source)
+        return script(keys=keys, args=args, client=self.raw)
+
+    def _delayed_key(self, queue: str) -> str:
+        return f"{queue}{self.sep}{messages.DELAYED_SUFFIX}"
+
+    def _serving_steps(self) -> list[int]:
+        steps = list(self.priority_steps)
+        return steps if self.priority_lowest_first else steps[::-1]
+
+    # -- leases (the LeaseKeeper's side of the channel) ------------------------------
+
+    def keep_leases(self) -> LeaseKeeper:
+        """The channel's lease thread, started on first need (in this process)."""
+        keeper = self._keeper
+        if keeper is None or not keeper.running:
+            with self._keeper_lock:
+                keeper = self._keeper
+                if keeper is None or not keeper.running:
+                    keeper = self._keeper = LeaseKeeper(self, float(self.visibility_timeout))
+        return keeper
+
+    def held_tags(self) -> list[str]:
+        return list(tuple(self.qos._delivered))
+
+    def renew(self, tags: list[str]) -> int:
+        renewed = 0
+        index = self.full_key(self.unacked_index_key)
+        for start in range(0, len(tags), 500):
+            renewed += int(self.run_script(scripts.RENEW, [index], tags[start : start + 500]))
+        return renewed
+
+    def remove_held(self, tags: list[str]) -> None:
+        with self.raw.pipeline() as pipe:
+            for tag in tags:
+                pipe.zrem(self.full_key(self.unacked_index_key), tag)
+                pipe.hdel(self.full_key(self.unacked_key), tag)
+            pipe.execute()
+
+    def restore_expired(self) -> int:
+        """Put back the deliveries nobody renewed for ``visibility_timeout``."""
+        tags = self.run_script(
+            scripts.EXPIRED,
+            [self.full_key(self.unacked_index_key)],
+            [float(self.visibility_timeout), int(self.restore_batch)],
+        )
+        if not tags:
+            return 0
+        restored = self.restore_tags([_text(tag) for tag in tags], attempted=True)
+        if restored:
+            logger.warning(
+                "redis transport: %d message(s) whose consumer stopped renewing their "
+                "lease for %ss went back to their queues",
+                restored,
+                self.visibility_timeout,
+            )
+        return restored
+
+    def restore_tags(self, tags: list[str], attempted: bool, to_back: bool = False) -> int:
+        """Put held deliveries back in their queues, each at most once; how many went."""
+        restored = 0
+        unacked = self.full_key(self.unacked_key)
+        index = self.full_key(self.unacked_index_key)
+        for tag in tags:
+            stored = self.raw.hget(unacked, tag)
+            if stored is None:  # acked, or restored by another consumer meanwhile
+                self.raw.zrem(index, tag)
+                continue
+            try:
+                message, exchange, routing_key = messages.read_stored_delivery(stored)
+            except ValueError as exc:
+                logger.error(
+                    "redis transport: the delivery %s in %r is unreadable (%s); it is "
+                    "left there for inspection and no longer swept",
+                    tag,
+                    unacked,
+                    exc,
+                )
+                self.raw.zrem(index, tag)
+                continue
+            queues = self._lookup(exchange, routing_key)
+            if not queues:
+                logger.error(
+                    "redis transport: no queue is bound to exchange %r with routing key "
+                    "%r any more; delivery %s stays in %r",
+                    exchange,
+                    routing_key,
+                    tag,
+                    unacked,
+                )
+                continue
+            priority = self._get_message_priority(message, reverse=False)
+            lists = [self.full_key(self._q_for_pri(queue, priority)) for queue in queues]
+            payload = dumps(messages.redelivery(message, attempted))
+            restored += int(
+                self.run_script(
+                    scripts.RESTORE,
+                    [unacked, index, *lists],
+                    [tag, stored, payload, "1" if to_back else "0"],
+                )
+            )
+        return restored
+
+    def _restore(self, message: Any, leftmost: bool = False) -> None:
+        self.restore_tags([message.delivery_tag], attempted=False, to_back=leftmost)
+
+    # -- publishing and delayed delivery ---------------------------------------------
+
+    def _put(self, queue: str, message: dict, **kwargs: Any) -> None:
+        at = messages.deliver_at(message, queue) if self.delayed_delivery else None
+        if at is None or at <= time.time():
+            return super()._put(queue, message, **kwargs)
+        priority = self.priority(self._get_message_priority(message, reverse=False))
+        member = messages.delayed_member(priority, dumps(message), self.sep)
+        key = self._delayed_key(queue)
+        batch = kwargs.pop("_publish_batch", None)
+        if batch is not None:
+            batch.add("zadd", key, {member: at})
+            return None
+        with self.conn_or_acquire() as client:
+            client.zadd(key, {member: at})
+        return None
+
+    def promote_due(self, queues: list[str], force: bool = False) -> float:
+        """Move the due delayed messages of ``queues`` to their lists, for queues whose
+        turn came; seconds until the next turn of any of them."""
+        now = time.monotonic()
+        steps = list(self.priority_steps)
+        soonest = float(self.delayed_poll_interval)
+        for queue in queues:
+            turn = self._next_promotion.get(queue, 0.0)
+            if not force and now < turn:
+                soonest = min(soonest, turn - now)
+                continue
+            lists = [self.full_key(self._q_for_pri(queue, step)) for step in steps]
+            reply = self.run_script(
+                scripts.PROMOTE,
+                [self.full_key(self._delayed_key(queue)), *lists],
+                [0, int(self.restore_batch), self.sep, *steps],
+            )
+            moved = reply[0]
+            following = reply[1] if len(reply) > 1 else None  # Lua drops a trailing nil
+            wait = float(self.delayed_poll_interval)
+            if int(moved) >= int(self.restore_batch):
+                wait = 0.0  # more are due: look again at once
+            elif following is not None:
+                wait = min(wait, max(0.0, float(following) - time.time()))
+            self._next_promotion[queue] = now + wait
+            soonest = min(soonest, wait)
+        return soonest
+
+    # -- consuming -------------------------------------------------------------------
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        tag = super().basic_consume(queue, *args, **kwargs)
+        if queue not in self._fanout_queues:
+            self.keep_leases()  # also sweeps: an idle consumer restores a dead one's work
+        return tag
+
+    def _get(self, queue: str) -> dict:
+        if self.delayed_delivery:
+            self.promote_due([queue])
+        with self.conn_or_acquire() as client:
+            for step in self._serving_steps():
+                item = client.rpop(self._q_for_pri(queue, step))
+                if item:
+                    return _loads(item)
+        raise Empty()
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        if self.delayed_delivery:
+            timeout = min(timeout or self.brpop_timeout, self.promote_due(queues))
+        # BRPOP 0 would block for ever; Redis >= 6 takes fractions of a second.
+        timeout = max(0.01, round(float(timeout or self.brpop_timeout), 3))
+        keys = [self._q_for_pri(queue, step) for step in self._serving_steps() for queue in queues]
+        command = ["BRPOP", *keys, timeout]
+        if self.global_keyprefix:
+            command = self.client._prefix_args(command)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self.client.connection.send_command(*command)
+
+    # -- queues ----------------------------------------------------------------------
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        super()._new_queue(queue, **kwargs)
+        with self.conn_or_acquire() as client:
+            client.sadd(self.declared_queues_key, queue)
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        raw = self.raw
+        with raw.pipeline() as pipe:
+            for step in self.priority_steps:
+                pipe.exists(self.full_key(self._q_for_pri(queue, step)))
+            pipe.exists(self.full_key(self._delayed_key(queue)))
+            pipe.sismember(self.full_key(self.declared_queues_key), queue)
+            return any(pipe.execute())
+
+    def _purge(self, queue: str) -> int:
+        """Ready and delayed messages (both are waiting); deliveries being worked on stay."""
+        ready = super()._purge(queue)
+        key = self.full_key(self._delayed_key(queue))
+        with self.raw.pipeline() as pipe:
+            pipe.zcard(key)
+            pipe.delete(key)
+            delayed = pipe.execute()[0]
+        return int(ready) + int(delayed or 0)
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        super()._delete(queue, *args, **kwargs)
+        with self.raw.pipeline() as pipe:
+            pipe.srem(self.full_key(self.declared_queues_key), queue)
+            pipe.delete(self.full_key(self._delayed_key(queue)))
+            pipe.execute()
+
+    def close(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.stop()
+        super().close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _loads(item: Any) -> dict:
+    from kombu.utils.encoding import bytes_to_str
+    from kombu.utils.json import loads
+
+    return loads(bytes_to_str(item))
+
+
+class Channel(LeasedChannel, kombu_redis.Channel):
+    """A channel of ``redis://``, ``rediss://`` and ``redis+socket://`` connections."""
+
+    from_transport_options = kombu_redis.Channel.from_transport_options + KERNEL_OPTIONS
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with kernel's channel (see the module docstring)."""
+
+    Channel = Channel
+
+
+class SentinelChannel(LeasedChannel, kombu_redis.SentinelChannel):
+    """A channel of ``sentinel://`` connections (``master_name`` transport option)."""
+
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + KERNEL_OPTIONS
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """Redis through Sentinel: ``sentinel://host:26379;sentinel://host2:26379``."""
+
+    Channel = SentinelChannel
