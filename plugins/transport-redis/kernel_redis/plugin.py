@@ -9,9 +9,10 @@ from __future__ import annotations
 from kernel import hookimpl
 from kernel.plugins.specs import BackendSpec, TransportSpec
 
-BROKER_SCHEMES = ["redis", "rediss", "redis+socket"]
+BROKER_SCHEMES = ["redis", "redis+socket"]
+TLS_SCHEMES = ["rediss"]
 SENTINEL_SCHEMES = ["sentinel"]
-BACKEND_SCHEMES = BROKER_SCHEMES + SENTINEL_SCHEMES
+BACKEND_SCHEMES = BROKER_SCHEMES + TLS_SCHEMES + SENTINEL_SCHEMES
 BROKER_FEATURES = {
     "priority",
     "fanout",
@@ -29,6 +30,12 @@ def kernel_transports():
             name="redis",
             schemes=BROKER_SCHEMES,
             kombu_transport="kernel_redis.transport:Transport",
+            features=BROKER_FEATURES,
+        ),
+        TransportSpec(
+            name="redis-tls",
+            schemes=TLS_SCHEMES,
+            kombu_transport="kernel_redis.transport:TLSTransport",
             features=BROKER_FEATURES,
         ),
         TransportSpec(

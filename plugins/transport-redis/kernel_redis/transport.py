@@ -347,6 +347,28 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class TLSChannel(Channel):
+    """A channel of ``rediss://`` connections: TLS options are required, not guessed."""
+
+    def _connparams(self, asynchronous: bool = False) -> dict:
+        if not self.connection.client.ssl:
+            from kernel.exceptions import ConfigurationError
+
+            raise ConfigurationError(
+                "a rediss:// broker URL needs its TLS options: add "
+                "?ssl_cert_reqs=required (or optional, or none to skip verifying the "
+                "server) and, as needed, ssl_ca_certs=/path/ca.pem, ssl_certfile=..., "
+                "ssl_keyfile=... to the URL"
+            )
+        return super()._connparams(asynchronous)
+
+
+class TLSTransport(Transport):
+    """``rediss://``: Redis over TLS."""
+
+    Channel = TLSChannel
+
+
 class SentinelChannel(LeasedChannel, kombu_redis.SentinelChannel):
     """A channel of ``sentinel://`` connections (``master_name`` transport option)."""
 

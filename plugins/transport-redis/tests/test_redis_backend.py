@@ -43,6 +43,33 @@ def make_app(url: str, plugins: PluginManager, **settings: Any) -> App:
     return app
 
 
+def broker_roundtrip(url: str, plugins: PluginManager, **transport_options: Any) -> None:
+    """A message published through broker ``url`` comes back, through kernel's channel."""
+    from kombu import Exchange, Queue
+
+    from kernel_redis.transport import LeasedChannel
+
+    app = App("redis-broker-url-test", broker=url, backend="cache+memory://", plugins=plugins)
+    app.conf.broker_transport_options = transport_options
+    name = f"url-{new_id()}"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    try:
+        with app.connection() as connection:
+            channel = connection.default_channel
+            assert isinstance(channel, LeasedChannel), type(channel)
+            connection.Producer(serializer="json").publish(
+                "hello", exchange=queue.exchange, routing_key=name, declare=[queue]
+            )
+            deadline = time.monotonic() + 5
+            while (message := queue(channel).get(no_ack=False)) is None:
+                assert time.monotonic() < deadline, f"nothing came back through {url}"
+                time.sleep(0.02)
+            assert message.payload == "hello"
+            message.ack()
+    finally:
+        app.close()
+
+
 @pytest.fixture
 def app(redis_db, plugins) -> Iterator[App]:
     app = make_app(redis_db, plugins)
@@ -582,6 +609,7 @@ def test_unix_socket_url(plugins, own_server, tmp_path):
         assert AsyncResult(task_id, app).get(timeout=5) == "over the socket"
     finally:
         app.close()
+    broker_roundtrip(f"redis+socket://{path}?db=2", plugins)
 
 
 @needs_redis_server
@@ -609,6 +637,12 @@ def test_sentinel_url_finds_the_master(plugins, own_server):
         assert AsyncResult(task_id, app).get(timeout=5) == "via sentinel"
     finally:
         app.close()
+    broker_roundtrip(
+        f"sentinel://127.0.0.1:{sentinel_port}/3",
+        plugins,
+        master_name="kmaster",
+        socket_connect_timeout=1,
+    )
 
 
 def _certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -656,6 +690,11 @@ def test_rediss_url_with_a_verified_certificate(plugins, own_server, tmp_path):
         assert AsyncResult(task_id, app).get(timeout=5) == "over TLS"
     finally:
         app.close()
+    broker_roundtrip(
+        f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}", plugins
+    )
+    with pytest.raises(ConfigurationError, match=r"needs its TLS options: add \?ssl_cert_reqs"):
+        broker_roundtrip(f"rediss://127.0.0.1:{port}/0", plugins)
     untrusted = make_app(
         f"rediss://127.0.0.1:{port}/0", plugins, transport_options={"retry_timeout": 0.5}
     )
