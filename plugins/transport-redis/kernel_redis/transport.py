@@ -29,6 +29,7 @@ What this transport changes, and why:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from queue import Empty
@@ -72,6 +73,15 @@ class LeasedChannel:
     restore_batch: int = 100
     #: Set of the queues declared through this transport (kernel's own key).
     declared_queues_key = "_kernel.queues"
+    #: Lease times of kernel's deliveries. Not kombu's ``unacked_index``: Celery
+    #: workers never renew theirs, so sweeping it would re-run their long tasks.
+    unacked_index_key = "_kernel.leases"
+    #: Socket timeouts unless the options give them (kombu's: none), so that a
+    #: half-open connection cannot stall lease renewal for minutes.
+    socket_timeout: float | None = 10.0
+    socket_connect_timeout: float | None = 5.0
+    #: Oldest Redis that has every command used here (ZRANGE BYSCORE, float BRPOP).
+    minimum_redis = (6, 2)
 
     _keeper: LeaseKeeper | None = None
 
@@ -80,6 +90,18 @@ class LeasedChannel:
         self._next_promotion: dict[str, float] = {}
         self._scripts: dict[str, Any] = {}
         super().__init__(*args, **kwargs)
+        self._check_server_version()
+
+    def _check_server_version(self) -> None:
+        from kernel.exceptions import ConfigurationError
+
+        version = str(self.raw.info("server").get("redis_version", "0"))
+        found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+        if found < self.minimum_redis:
+            raise ConfigurationError(
+                f"the Redis broker needs Redis {'.'.join(map(str, self.minimum_redis))} or "
+                f"later (this server runs {version}); upgrade the server"
+            )
 
     # -- keys and scripts ------------------------------------------------------------
 
@@ -138,10 +160,14 @@ class LeasedChannel:
 
     def restore_expired(self) -> int:
         """Put back the deliveries nobody renewed for ``visibility_timeout``."""
+        # Expire a sweep early, so that a message is back within visibility_timeout
+        # of its consumer's last renewal (live consumers renew every third of it).
+        keeper = self._keeper
+        early = keeper.sweep_interval if keeper is not None else 0.0
         tags = self.run_script(
             scripts.EXPIRED,
             [self.full_key(self.unacked_index_key)],
-            [float(self.visibility_timeout), int(self.restore_batch)],
+            [max(0.0, float(self.visibility_timeout) - early), int(self.restore_batch)],
         )
         if not tags:
             return 0
@@ -181,12 +207,14 @@ class LeasedChannel:
             if not queues:
                 logger.error(
                     "redis transport: no queue is bound to exchange %r with routing key "
-                    "%r any more; delivery %s stays in %r",
+                    "%r any more; delivery %s is left in %r for inspection and no longer "
+                    "swept",
                     exchange,
                     routing_key,
                     tag,
                     unacked,
                 )
+                self.raw.zrem(index, tag)
                 continue
             priority = self._get_message_priority(message, reverse=False)
             lists = [self.full_key(self._q_for_pri(queue, priority)) for queue in queues]
@@ -248,6 +276,21 @@ class LeasedChannel:
             soonest = min(soonest, wait)
         return soonest
 
+    def _promote_quietly(self, queues: list[str]) -> float:
+        """``promote_due`` for the consuming loop: a refused script (e.g. Redis out of
+        memory with ``noeviction``) must not stop consuming what is ready."""
+        try:
+            return self.promote_due(queues)
+        except self.ResponseError as exc:
+            logger.warning(
+                "redis transport: could not move due delayed messages of %s (%s); "
+                "retrying in %ss",
+                ", ".join(queues),
+                exc,
+                self.delayed_poll_interval,
+            )
+            return float(self.delayed_poll_interval)
+
     # -- consuming -------------------------------------------------------------------
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
@@ -272,10 +315,12 @@ class LeasedChannel:
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
+        if not timeout:
+            timeout = self.brpop_timeout
         if self.delayed_delivery:
-            timeout = min(timeout or self.brpop_timeout, self.promote_due(queues))
+            timeout = min(timeout, self._promote_quietly(queues))
         # BRPOP 0 would block for ever; Redis >= 6 takes fractions of a second.
-        timeout = max(0.01, round(float(timeout or self.brpop_timeout), 3))
+        timeout = max(0.01, round(float(timeout), 3))
         keys = [self._q_for_pri(queue, step) for step in self._serving_steps() for queue in queues]
         command = ["BRPOP", *keys, timeout]
         if self.global_keyprefix:
@@ -285,6 +330,39 @@ class LeasedChannel:
         self.client.connection.send_command(*command)
 
     # -- queues ----------------------------------------------------------------------
+
+    def get_table(self, exchange: str) -> list[tuple]:
+        """The exchange's bindings; ones this process declared are written back if
+        Redis lost them (a restart without persistence), instead of dropping what is
+        published to the exchange."""
+        table = super().get_table(exchange)
+        if table:
+            return table
+        known = [
+            (routing_key, "", queue)
+            for queue, (ex, routing_key, _args) in self._declared_bindings().items()
+            if ex == exchange
+        ]
+        if known:
+            logger.warning(
+                "redis transport: the bindings of exchange %r were missing from Redis "
+                "(restarted without persistence?); declaring them again: %s",
+                exchange,
+                ", ".join(queue for _rk, _p, queue in known),
+            )
+            for routing_key, pattern, queue in known:
+                self._queue_bind(exchange, routing_key, pattern, queue)
+                self._new_queue(queue)
+        return known
+
+    def _declared_bindings(self) -> dict[str, tuple[str, str, Any]]:
+        bindings = getattr(self.state, "bindings", None) or {}
+        found: dict[str, tuple[str, str, Any]] = {}
+        for key in list(bindings):
+            if isinstance(key, tuple) and len(key) == 3:
+                queue, exchange, routing_key = key
+                found[queue] = (exchange, routing_key, None)
+        return found
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         super()._new_queue(queue, **kwargs)
@@ -321,7 +399,27 @@ class LeasedChannel:
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.stop()
+            self._flush_deferred_acks(keeper)
         super().close()
+
+    def _flush_deferred_acks(self, keeper: LeaseKeeper, within: float = 5.0) -> None:
+        """Acks that failed during an outage must not be forgotten at shutdown: their
+        tasks finished, and would run again."""
+        deadline = time.monotonic() + within
+        while keeper.deferred_acks():
+            try:
+                keeper.flush_deferred_acks(self)
+            except self.connection_errors as exc:
+                if time.monotonic() >= deadline:
+                    logger.error(
+                        "redis transport: Redis is still unreachable (%s); the acks of "
+                        "finished deliveries %s were not sent and those tasks will run "
+                        "again",
+                        exc,
+                        ", ".join(keeper.deferred_acks()),
+                    )
+                    return
+                time.sleep(0.2)
 
 
 def _text(value: Any) -> str:

@@ -45,9 +45,8 @@ def make_app(url: str, plugins: PluginManager, **settings: Any) -> App:
 
 def broker_roundtrip(url: str, plugins: PluginManager, **transport_options: Any) -> None:
     """A message published through broker ``url`` comes back, through kernel's channel."""
-    from kombu import Exchange, Queue
-
     from kernel_redis.transport import LeasedChannel
+    from kombu import Exchange, Queue
 
     app = App("redis-broker-url-test", broker=url, backend="cache+memory://", plugins=plugins)
     app.conf.broker_transport_options = transport_options

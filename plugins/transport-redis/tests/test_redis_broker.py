@@ -108,6 +108,8 @@ def test_a_dead_consumers_message_comes_back_with_its_delivery_counted(broker):
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
     assert broker.raw.hlen("unacked") == 1
+    assert broker.raw.zcard("_kernel.leases") == 1
+    assert broker.raw.zcard("unacked_index") == 0  # Celery workers never see it
 
     survivor = broker.connect(visibility_timeout=1).default_channel
     started = time.monotonic()
