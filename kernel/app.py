@@ -254,15 +254,20 @@ class App:
         self.finalize()
         url = url or self.conf.broker_url
         spec = self.plugins.transport_for_url(url)
-        return Connection(
+        transport = spec.load()
+        connection = Connection(
             url,
-            transport=spec.load(),
+            transport=transport,
             transport_options={
                 **spec.default_options,
                 **(self.conf.broker_transport_options or {}),
             },
             connect_timeout=self.conf.broker_connection_timeout,
         )
+        # kombu takes the part before "+" of a URL like redis+socket:// as the name of
+        # its own transport; keep the plugin's.
+        connection.transport_cls = transport
+        return connection
 
     def broker_features(self) -> frozenset[str]:
         return self.plugins.transport_for_url(self.conf.broker_url).features
