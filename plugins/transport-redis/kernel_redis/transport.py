@@ -283,8 +283,7 @@ class LeasedChannel:
             return self.promote_due(queues)
         except self.ResponseError as exc:
             logger.warning(
-                "redis transport: could not move due delayed messages of %s (%s); "
-                "retrying in %ss",
+                "redis transport: could not move due delayed messages of %s (%s); retrying in %ss",
                 ", ".join(queues),
                 exc,
                 self.delayed_poll_interval,
