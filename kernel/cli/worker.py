@@ -49,7 +49,7 @@ def setup_logging(level: str) -> None:
 @click.option(
     "--visibility-timeout",
     type=click.FloatRange(min=0.5),
-    help="Seconds a dead worker's messages stay leased (SQLite transport).",
+    help="Seconds a dead worker's messages stay leased (SQLite and Redis transports).",
 )
 @click.option(
     "--time-limit",

@@ -36,7 +36,8 @@ from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 from kernel_redis import messages, scripts
 from kernel_redis.leases import LeaseKeeper
@@ -84,6 +85,7 @@ class LeasedChannel:
     minimum_redis = (6, 2)
 
     _keeper: LeaseKeeper | None = None
+    _raw: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._keeper_lock = threading.Lock()
@@ -111,16 +113,22 @@ class LeasedChannel:
 
     @property
     def raw(self) -> Any:
-        """A client that does not prefix keys (kombu's prefixes only some commands)."""
+        """A client that does not prefix keys (kombu's prefixes only some commands),
+        on the channel's pool; made again only when kombu replaced the pool."""
         import redis
 
-        return redis.Redis(connection_pool=self.pool)
+        pool = self.pool
+        client = self._raw
+        if client is None or client.connection_pool is not pool:
+            client = self._raw = redis.Redis(connection_pool=pool)
+        return client
 
     def run_script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        client = self.raw
         script = self._scripts.get(source)
         if script is None:
-            script = self._scripts[source] = self.raw.register_script(source)
-        return script(keys=keys, args=args, client=self.raw)
+            script = self._scripts[source] = client.register_script(source)
+        return script(keys=keys, args=args, client=client)
 
     def _delayed_key(self, queue: str) -> str:
         return f"{queue}{self.sep}{messages.DELAYED_SUFFIX}"
@@ -142,7 +150,7 @@ class LeasedChannel:
         return keeper
 
     def held_tags(self) -> list[str]:
-        return list(tuple(self.qos._delivered))
+        return list(self.qos._delivered)  # one C-level copy: safe against the consumer
 
     def renew(self, tags: list[str]) -> int:
         renewed = 0
@@ -171,7 +179,7 @@ class LeasedChannel:
         )
         if not tags:
             return 0
-        restored = self.restore_tags([_text(tag) for tag in tags], attempted=True)
+        restored = self.restore_tags([bytes_to_str(tag) for tag in tags], attempted=True)
         if restored:
             logger.warning(
                 "redis transport: %d message(s) whose consumer stopped renewing their "
@@ -305,7 +313,7 @@ class LeasedChannel:
             for step in self._serving_steps():
                 item = client.rpop(self._q_for_pri(queue, step))
                 if item:
-                    return _loads(item)
+                    return loads(bytes_to_str(item))
         raise Empty()
 
     def _brpop_start(self, timeout: float | None = None) -> None:
@@ -337,10 +345,11 @@ class LeasedChannel:
         table = super().get_table(exchange)
         if table:
             return table
+        # kombu's state keys this process's bindings (queue, exchange, routing_key).
         known = [
             (routing_key, "", queue)
-            for queue, (ex, routing_key, _args) in self._declared_bindings().items()
-            if ex == exchange
+            for queue, bound_to, routing_key in list(self.state.bindings)
+            if bound_to == exchange
         ]
         if known:
             logger.warning(
@@ -353,15 +362,6 @@ class LeasedChannel:
                 self._queue_bind(exchange, routing_key, pattern, queue)
                 self._new_queue(queue)
         return known
-
-    def _declared_bindings(self) -> dict[str, tuple[str, str, Any]]:
-        bindings = getattr(self.state, "bindings", None) or {}
-        found: dict[str, tuple[str, str, Any]] = {}
-        for key in list(bindings):
-            if isinstance(key, tuple) and len(key) == 3:
-                queue, exchange, routing_key = key
-                found[queue] = (exchange, routing_key, None)
-        return found
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         super()._new_queue(queue, **kwargs)
@@ -419,17 +419,6 @@ class LeasedChannel:
                     )
                     return
                 time.sleep(0.2)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _loads(item: Any) -> dict:
-    from kombu.utils.encoding import bytes_to_str
-    from kombu.utils.json import loads
-
-    return loads(bytes_to_str(item))
 
 
 class Channel(LeasedChannel, kombu_redis.Channel):

@@ -253,3 +253,20 @@ def test_an_ack_that_fails_while_redis_is_unreachable_is_sent_later(broker, monk
     assert wait_for(lambda: broker.raw.hlen("unacked") == 0, timeout=5)
     # Never restored meanwhile: the lease was kept until the ack went through.
     assert queue(broker.connect().default_channel).get(no_ack=False) is None
+
+
+def test_bindings_lost_by_a_redis_restart_are_declared_again(broker):
+    connection = broker.connect()
+    queue = broker.queue()
+    broker.publish(connection, queue, "before")
+    # Redis restarted without persistence: every binding is gone, but the producer
+    # remembers its declarations and will not declare again.
+    broker.raw.delete(f"_kombu.binding.{queue.exchange.name}", "_kernel.queues", queue.name)
+
+    broker.publish(connection, queue, "after")
+    message = broker.get(connection, queue)
+    assert message is not None and message.payload == "after"
+    message.ack()
+    assert broker.raw.sismember(
+        f"_kombu.binding.{queue.exchange.name}", f"{queue.name}\x06\x16\x06\x16{queue.name}"
+    )
