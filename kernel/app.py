@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
@@ -20,10 +21,16 @@ from typing import Any
 from kombu import Connection, Exchange, Queue
 
 from kernel import protocol
-from kernel.config import Settings
+from kernel.config import Settings, check_publish_retry_policy
 from kernel.control import Control
-from kernel.exceptions import ConfigurationError, NotRegistered
-from kernel.plugins.manager import PluginManager, default_manager
+from kernel.exceptions import (
+    ConfigurationError,
+    NotRegistered,
+    PublishError,
+    broker_connection_errors,
+)
+from kernel.exceptions import describe_broker_error as _describe
+from kernel.plugins.manager import PluginManager, default_manager, redact_url
 from kernel.result import AsyncResult
 from kernel.routing import resolve_route
 from kernel.serialization import Serialization
@@ -263,6 +270,7 @@ class App:
                 **(self.conf.broker_transport_options or {}),
             },
             connect_timeout=self.conf.broker_connection_timeout,
+            ssl=self.conf.broker_use_ssl or False,
         )
         # kombu takes the part before "+" of a URL like redis+socket:// as the name of
         # its own transport; keep the plugin's.
@@ -277,6 +285,7 @@ class App:
         if getattr(local, "pid", None) != os.getpid():
             local.connection = self.connection()
             local.producer = local.connection.Producer()
+            local.errors = broker_connection_errors(local.connection)
             local.pid = os.getpid()
         return local.producer
 
@@ -359,12 +368,18 @@ class App:
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
         retries: int = 0,
+        retry: bool | None = None,
+        retry_policy: dict | None = None,
         task_routing: dict | None = None,
         declare: bool = True,
         **options: Any,
     ) -> AsyncResult:
         """Send a task by name (its code need not be importable here).
 
+        ``retry`` and ``retry_policy`` say whether and how sending retries when the
+        broker connection fails (defaults: ``task_publish_retry`` and
+        ``task_publish_retry_policy``, whose keys ``retry_policy`` overrides); when
+        it gives up, :class:`~kernel.exceptions.PublishError` is raised.
         ``declare=False`` publishes to the route's exchange and routing key without
         declaring a queue (retries use it to go back where the message came from).
         """
@@ -376,6 +391,10 @@ class App:
             raise TypeError(f"args must be a list or tuple, got {type(args).__name__}")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}")
+        publish_retry = self.conf.task_publish_retry if retry is None else bool(retry)
+        policy = dict(self.conf.task_publish_retry_policy)
+        if retry_policy is not None:
+            policy.update(check_publish_retry_policy(retry_policy, "retry_policy"))
         task_id = task_id or str(uuid.uuid4())
         if countdown is not None:
             if eta is not None:
@@ -429,6 +448,8 @@ class App:
             serializer or self.conf.task_serializer,
             compression or self.conf.task_compression,
             declare,
+            publish_retry,
+            policy,
         )
         return AsyncResult(task_id, self, task_name=name)
 
@@ -455,6 +476,8 @@ class App:
         serializer: str,
         compression: str | None,
         declare: bool = True,
+        retry: bool = True,
+        retry_policy: dict | None = None,
     ) -> None:
         self.serialization.serializer_spec(serializer)  # clear error for unknown names
         exchange, queue = self._entities(route)
@@ -466,23 +489,103 @@ class App:
             properties=message.properties,
             routing=route,
         )
-        producer = self._producer()
-        producer.publish(
-            message.body,
-            exchange=exchange,
-            routing_key=route["routing_key"],
-            serializer=serializer,
-            compression=compression,
-            headers=message.headers,
-            priority=route.get("priority"),
-            declare=[queue] if declare else [],
-            retry=True,
-            retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
-            **message.properties,
+
+        def send(producer: Any) -> None:
+            producer.publish(
+                message.body,
+                exchange=exchange,
+                routing_key=route["routing_key"],
+                serializer=serializer,
+                compression=compression,
+                headers=message.headers,
+                priority=route.get("priority"),
+                declare=[queue] if declare else [],
+                **message.properties,
+            )
+
+        self._send_with_retry(
+            send,
+            f"task {name}[{message.id}]",
+            message.id,
+            retry,
+            retry_policy or dict(self.conf.task_publish_retry_policy),
         )
         self.plugins.hook.kernel_after_task_publish(
             app=self, name=name, task_id=message.id, routing=route
         )
+
+    def _send_with_retry(
+        self,
+        send: Callable[[Any], None],
+        what: str,
+        task_id: str | None,
+        retry: bool,
+        policy: dict,
+    ) -> None:
+        """Call ``send(producer)`` until it gets through, retrying connection failures
+        as ``policy`` says (kombu's meaning of its keys); raise PublishError when done.
+
+        Each attempt makes one connection attempt, so the number of attempts is exact
+        and no wait is hidden; after a failure the connection is dropped and the next
+        attempt starts afresh.
+        """
+        max_retries = policy.get("max_retries")
+        attempts = 0
+        while True:
+            attempts += 1
+            producer = self._producer()
+            connection, errors = self._local.connection, self._local.errors
+            try:
+                connection.ensure_connection(max_retries=0)
+                send(producer)
+                return
+            except errors as exc:
+                self._drop_producer()
+                if not retry or (max_retries is not None and attempts > max_retries):
+                    raise self._publish_error(what, task_id, attempts, retry, exc) from exc
+                delay = publish_retry_delay(policy, attempts)
+                log.warning(
+                    "could not send %s to broker %s (%s); retry %d of %s in %.2fs",
+                    what,
+                    redact_url(self.conf.broker_url),
+                    _describe(exc),
+                    attempts,
+                    "unlimited" if max_retries is None else max_retries,
+                    delay,
+                )
+                time.sleep(delay)
+
+    def _publish_error(
+        self, what: str, task_id: str | None, attempts: int, retry: bool, exc: BaseException
+    ) -> PublishError:
+        if retry:
+            advice = (
+                "raise task_publish_retry_policy['max_retries'] (or pass retry_policy=) "
+                "to keep trying longer"
+            )
+        else:
+            advice = "publish with retry=True (task_publish_retry) to ride out short outages"
+        return PublishError(
+            f"could not send {what} to broker {redact_url(self.conf.broker_url)}: "
+            f"{_describe(exc)} (gave up after {attempts} attempt(s)"
+            f"{'' if retry else ', retries disabled'}); the task was not queued. Check that "
+            f"the broker is running and reachable, or {advice}",
+            task_id=task_id,
+            attempts=attempts,
+        )
+
+    def _drop_producer(self) -> None:
+        """Forget this thread's publishing connection after it failed, without talking
+        to a broker that is gone; the next publish connects afresh."""
+        local = self._local
+        connection = getattr(local, "connection", None)
+        local.pid = None
+        local.connection = local.producer = None
+        if connection is not None:
+            try:
+                connection.collect()
+            except Exception:
+                log.debug("discarding a failed publishing connection", exc_info=True)
 
     def queues_for(self, names: Iterable[str]) -> list[Queue]:
         """kombu queues bound like the ones tasks are published to."""
@@ -510,6 +613,15 @@ class App:
 
     def __repr__(self) -> str:
         return f"<App {self.main or '__main__'}: {len(self.tasks)} tasks>"
+
+
+def publish_retry_delay(policy: dict, retry: int) -> float:
+    """Seconds to wait before retry number ``retry`` (1, 2, ...) of a publish: kombu's
+    ``interval_start``, plus ``interval_step`` per earlier retry, at most ``interval_max``."""
+    start = float(policy.get("interval_start", 0))
+    step = float(policy.get("interval_step", 0))
+    longest = float(policy.get("interval_max", start + step * (retry - 1)))
+    return max(0.0, min(start + step * (retry - 1), longest))
 
 
 def _signatures(value: Any) -> list | None:

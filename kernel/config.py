@@ -36,6 +36,44 @@ def seconds(value: Any, name: str) -> float | None:
     raise ConfigurationError(f"{name} must be seconds or a timedelta, got {value!r}")
 
 
+#: Celery's default ``task_publish_retry_policy``.
+DEFAULT_PUBLISH_RETRY_POLICY: dict[str, Any] = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
+
+
+def check_publish_retry_policy(value: Any, name: str) -> dict[str, Any]:
+    """A copy of a publish retry policy (``retry_policy=``), its keys and values checked."""
+    if not isinstance(value, dict):
+        raise ConfigurationError(
+            f"{name} must be a dict like {DEFAULT_PUBLISH_RETRY_POLICY!r}, got {value!r}"
+        )
+    unknown = sorted(set(value) - set(DEFAULT_PUBLISH_RETRY_POLICY))
+    if unknown:
+        raise ConfigurationError(
+            f"{name} has unknown key(s) {unknown}; valid: {sorted(DEFAULT_PUBLISH_RETRY_POLICY)}"
+        )
+    for key, number in value.items():
+        if key == "max_retries" and number is None:
+            continue
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
+            raise ConfigurationError(
+                f"{name}[{key!r}] must be a number of at least 0"
+                f"{' or None (retry for ever)' if key == 'max_retries' else ''}, got {number!r}"
+            )
+    return dict(value)
+
+
+def publish_retry_policy(value: Any, name: str) -> dict[str, Any]:
+    """The full policy: ``value``'s keys over the defaults (None means the defaults)."""
+    if value is None:
+        return dict(DEFAULT_PUBLISH_RETRY_POLICY)
+    return {**DEFAULT_PUBLISH_RETRY_POLICY, **check_publish_retry_policy(value, name)}
+
+
 def setting(default: Any, doc: str, *, factory: Any = None) -> Any:
     if factory is not None:
         return attrs.field(factory=factory, metadata={"doc": doc})
@@ -59,13 +97,52 @@ class Settings:
         "SQLite transport's lease length in seconds.",
         factory=dict,
     )
+    broker_use_ssl: dict | bool | None = setting(
+        None,
+        "TLS for the broker connection: True, or a dict of options for the transport "
+        "(Redis: `{'ssl_cert_reqs': 'required', 'ssl_ca_certs': '/path/ca.pem'}`; AMQP: "
+        "`ssl.SSLContext.wrap_socket` options such as `{'cert_reqs': ssl.CERT_REQUIRED}`). "
+        "None: TLS only as the URL says (`rediss://`, `amqps://`).",
+    )
     broker_connection_timeout: float = setting(
         4.0, "Seconds to wait when connecting to the broker."
+    )
+    broker_connection_retry: bool = setting(
+        True,
+        "When a running worker loses its broker connection, reconnect (waiting 0.5s, "
+        "then twice as long each time, up to 5s, between attempts) and go on consuming. "
+        "Running tasks keep running meanwhile; acknowledgements that fail are sent again "
+        "once the connection is back. False stops the worker with an error instead "
+        "(unfinished messages return to the queue).",
+    )
+    broker_connection_retry_on_startup: bool = setting(
+        True,
+        "Keep trying when the broker cannot be reached as a worker starts (one warning "
+        "per attempt); False makes the worker exit with an error at the first failure.",
+    )
+    broker_connection_max_retries: int | None = setting(
+        100,
+        "How many reconnection attempts in a row a worker makes, at start-up or after "
+        "losing the connection, before it gives up and stops with an error. 0 or None "
+        "retries for ever (as in Celery).",
     )
     result_backend: str | None = setting(
         f"sqlite:///{DEFAULT_DATABASE}",
         "Where results are stored; the same SQLite file as the broker by default. "
         "`cache+memory://` keeps results in this process only; None disables results.",
+    )
+    result_backend_transport_options: dict = setting(
+        None,
+        "Options for the result backend's client, e.g. `{'global_keyprefix': 'app1:', "
+        "'retry_timeout': 10}` or Sentinel's `{'master_name': 'mymaster'}` for the Redis "
+        "backend (see its documentation for the full list).",
+        factory=dict,
+    )
+    redis_backend_use_ssl: dict | None = setting(
+        None,
+        "TLS options of the Redis result backend (`ssl_cert_reqs`, `ssl_ca_certs`, "
+        "`ssl_certfile`, `ssl_keyfile`), as Celery names them; the URL's query and "
+        "`result_backend_transport_options` take precedence.",
     )
     result_expires: float | None = attrs.field(
         default=86400.0,
@@ -89,6 +166,24 @@ class Settings:
         factory=lambda: ["json"],
     )
     task_compression: str | None = setting(None, "Compression for task messages (e.g. 'zlib').")
+    task_publish_retry: bool = setting(
+        True,
+        "Retry sending a task message when the broker connection fails, following "
+        "`task_publish_retry_policy`; `retry=` of `apply_async`/`send_task` overrides it. "
+        "When sending gives up (at once with False) it raises `PublishError`, naming the "
+        "broker and the cause: a task is never dropped silently.",
+    )
+    task_publish_retry_policy: dict = attrs.field(
+        factory=lambda: dict(DEFAULT_PUBLISH_RETRY_POLICY),
+        converter=lambda value: publish_retry_policy(value, "task_publish_retry_policy"),
+        metadata={
+            "doc": "How sending a task retries: `max_retries` (retries after the first "
+            "attempt; None retries for ever), `interval_start` (seconds before the first "
+            "retry), `interval_step` (added for each further retry), `interval_max` "
+            "(longest wait). Keys left out keep these defaults; `retry_policy=` of "
+            "`apply_async`/`send_task` overrides keys for one call."
+        },
+    )
 
     # ----------------------------------------------------------- routing
     task_default_queue: str = setting("celery", "Queue for tasks without a route (Celery's name).")

@@ -227,7 +227,10 @@ class Task:
         Options: ``countdown``, ``eta``, ``expires``, ``queue``, ``routing_key``,
         ``exchange``, ``priority``, ``task_id``, ``headers``, ``serializer``,
         ``compression``, ``link``, ``link_error``, ``ignore_result``, ``time_limit``,
-        ``soft_time_limit``.
+        ``soft_time_limit``, ``retry`` and ``retry_policy`` (whether and how sending
+        retries when the broker connection fails; ``task_publish_retry`` and
+        ``task_publish_retry_policy`` by default). Raises
+        :class:`~kernel.exceptions.PublishError` when the message could not be sent.
         """
         args = tuple(args or ())
         kwargs = dict(kwargs or {})

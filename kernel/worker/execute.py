@@ -161,7 +161,9 @@ def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcom
             meta = document.build(context.id, state, retval, children=context.children)
         call_hook_safely(hook.kernel_task_success, task=task, result=retval, request=context)
     if state in (states.SUCCESS, states.FAILURE, states.REVOKED) and context.chord:
-        chord_part_return(app, context, state, retval, backend)
+        # A report that fails (result backend unreachable) is raised, not logged away:
+        # the worker returns the message, and the task's next run reports again.
+        chord_part_return(app, context, state, retval, backend, raise_errors=True)
     runtime = time.monotonic() - started
     call_hook_safely(
         hook.kernel_task_postrun,
@@ -237,13 +239,31 @@ def record_failure(
 
 
 def chord_part_return(
-    app: Any, context: Context, state: str, retval: Any, backend: Any = None
+    app: Any,
+    context: Context,
+    state: str,
+    retval: Any,
+    backend: Any = None,
+    raise_errors: bool = False,
 ) -> None:
-    """A chord header task ended: let the result backend count it (and fire the body)."""
+    """A chord header task ended: let the result backend count it (and fire the body).
+
+    ``raise_errors``: raise when the backend fails, so that the caller can return the
+    message for another attempt (backends count each header task once); otherwise
+    the failure is logged.
+    """
     backend = backend if backend is not None else app.backend
     try:
         backend.on_chord_part_return(context, state, retval)
     except Exception:
+        if raise_errors:
+            log.error(
+                "task %s: could not report its end to chord %s; its message goes back "
+                "to the queue so that it is reported again",
+                context.id,
+                context.group,
+            )
+            raise
         log.exception(
             "task %s: could not report its end to chord %s; the chord body may not run",
             context.id,

@@ -19,6 +19,10 @@ SIGQUIT, is soft when ``worker_soft_shutdown_timeout`` is set (running tasks get
 many more seconds) and cold otherwise; the next one is cold (stop the pool now and
 return every unacknowledged message). ``REMAP_SIGTERM=SIGQUIT`` makes SIGTERM act as
 SIGQUIT. In every phase no message is lost.
+
+Broker connection loss (``broker_connection_retry``) is handled by
+:class:`~kernel.worker.connection.BrokerLink`: running tasks go on, the worker
+reconnects with back-off and resumes, and no acknowledgement is forgotten.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from kombu import Consumer, Queue
+from kombu.exceptions import OperationalError
 
 from kernel import states
 from kernel.exceptions import (
+    BrokerConnectionError,
     ColdShutdown,
     ConfigurationError,
     ContentDisallowed,
@@ -49,10 +55,13 @@ from kernel.exceptions import (
     Terminated,
     TimeLimitExceeded,
     WorkerLostError,
+    broker_connection_errors,
 )
+from kernel.exceptions import describe_broker_error as _describe
 from kernel.plugins.manager import redact_url as _redact
 from kernel.protocol import DELIVERY_COUNT_HEADER, DecodedTask, decode_task
 from kernel.worker.autoscale import Autoscaler, parse_autoscale
+from kernel.worker.connection import BrokerLink
 from kernel.worker.execute import (
     call_hook_safely,
     chord_part_return,
@@ -81,7 +90,7 @@ def expand_hostname(template: str | None) -> str:
     return template.replace("%h", host).replace("%n", short).replace("%d", domain)
 
 
-class Worker:
+class Worker(BrokerLink):
     """Consume from ``queues`` and run tasks of ``app`` in a pool."""
 
     #: Seconds a drain waits for a message when tasks are (not) running.
@@ -157,7 +166,10 @@ class Worker:
         self._terminating: dict[str, int] = {}  # delivery tag -> signal sent
         self._components: list[Any] = []
         self._control: Any = None
+        self._consumer: Any = None
+        self._producer: Any = None
         self._crash: BaseException | None = None
+        self._init_broker_state()  # see kernel.worker.connection
         self.revoked = RevokedTasks.from_conf(conf, path=state_db)
         self.rate_limits = RateLimiter()
         self._configure_rate_limits()
@@ -368,7 +380,15 @@ class Worker:
         self.pool = self.pool_spec.load()(self, self.concurrency)
         self.pool.start()
         connection = self.app.connection()
-        connection.ensure_connection(max_retries=5)
+        self._broker_errors = broker_connection_errors(connection)
+        try:
+            connected = self._connect(connection)
+        except BaseException:
+            self._abandon_start(connection)
+            raise
+        if not connected:  # asked to stop while waiting for the broker
+            self._abandon_start(connection)
+            return
         channel = connection.channel()
         self._producer = connection.Producer(channel)
         queues = self.app.queues_for(self.queue_names)
@@ -399,10 +419,14 @@ class Worker:
             self._run(connection)
             cold = self._stop_mode == "cold"
             if not cold:
-                consumer.cancel()
+                self._cancel_consumer()
                 cold = not self._drain_inflight()
         except ColdShutdown:
             cold = True
+        except BrokerConnectionError as exc:
+            log.error("%s", exc)
+            cold = True
+            raise
         except BaseException as exc:
             log.exception(
                 "worker %s failed with task(s) %s running; stopping at once, unfinished "
@@ -414,7 +438,20 @@ class Worker:
             self._crash = exc  # _shutdown requeues what is left once the pool stopped
             raise
         finally:
-            self._shutdown(consumer, channel, connection, cold)
+            self._shutdown(connection, cold)
+
+    def _abandon_start(self, connection: Any) -> None:
+        """Undo a start that never reached the broker: nothing was received."""
+        assert self.pool is not None
+        self.pool.stop()
+        try:
+            connection.collect()
+        except Exception:
+            log.debug("discarding the unconnected broker connection failed", exc_info=True)
+        self.revoked.close()
+        self.app.close()
+        self.stopped.set()
+        log.info("worker %s stopped before it connected to the broker", self.hostname)
 
     def _start_control(self) -> None:
         """Listen for broadcast commands (revoke, rate_limit, ping) on a connection of
@@ -424,9 +461,11 @@ class Worker:
 
         try:
             self._control_connection = self.app.connection()
-            self._control_connection.ensure_connection(max_retries=5)
             self._control = ControlNode(self)
+            self._control_connection.ensure_connection(max_retries=0)
             self._control.start(self._control_connection)
+        except self._broker_errors as exc:  # the broker just answered: try again soon
+            self._control_failed(exc)
         except Exception:
             log.exception(
                 "remote control is unavailable on this broker (revoke broadcasts will not "
@@ -436,38 +475,42 @@ class Worker:
             self._control = None
 
     def _run(self, connection: Any) -> None:
-        assert self.pool is not None
         while self._stop_mode is None:
-            self._complete_finished()
+            if self._broker_down:
+                self._reconnect(connection)
+            else:
+                try:
+                    self._step(connection)
+                except self._broker_errors as exc:
+                    self._connection_lost(exc)
+            if time.monotonic() >= self._next_control_poll:
+                self._poll_control()
+
+    def _step(self, connection: Any) -> None:
+        """One turn of the loop: settle, dispatch, then receive (or wait for a slot)."""
+        assert self.pool is not None
+        self._complete_finished()
+        recovering = self._outage_since is not None
+        if not recovering:  # nothing new starts until the broker answers again
             self._release_waiting()
             self._dispatch()
             if self.autoscaler is not None:
                 self.autoscaler.maybe_scale(len(self._reserved), len(self._inflight))
-            if self._reserved and len(self._inflight) >= self.pool.limit:
-                # Slot-bound: work is waiting and every slot is busy, so the next thing
-                # that matters is a task finishing; wait for exactly that event, and
-                # look at the broker (remote control: revoke, terminate) in between.
-                self._wait_completion(self._until_next_release(self.control_poll))
-            else:
-                timeout = self.busy_poll if self._inflight else self.idle_poll
-                try:
-                    connection.drain_events(timeout=self._until_next_release(timeout))
-                except TimeoutError:
-                    pass
-            if time.monotonic() >= self._next_control_poll:
-                self._poll_control()
-
-    def _poll_control(self) -> None:
-        """Deliver waiting control messages (in this thread), without blocking."""
-        self._next_control_poll = time.monotonic() + self.control_poll
-        if self._control_connection is None:
+        if self._broker_down:  # an acknowledgement just failed
             return
+        if not recovering and self._reserved and len(self._inflight) >= self.pool.limit:
+            # Slot-bound: work is waiting and every slot is busy, so the next thing
+            # that matters is a task finishing; wait for exactly that event, and
+            # look at the broker (remote control: revoke, terminate) in between.
+            self._wait_completion(self._until_next_release(self.control_poll))
+            return
+        timeout = self.busy_poll if self._inflight else self.idle_poll
         try:
-            self._control_connection.drain_events(timeout=0)
+            connection.drain_events(timeout=self._until_next_release(timeout))
         except TimeoutError:
             pass
-        except Exception:
-            log.exception("reading control messages failed; trying again shortly")
+        if recovering and not self._broker_down:
+            self._resumed()
 
     def _drain_inflight(self) -> bool:
         """Warm or soft shutdown: wait for running tasks; False when the phase timed out."""
@@ -483,14 +526,19 @@ class Worker:
             self._wait_completion(0.1)
         return self._stop_mode != "cold"
 
-    def _shutdown(self, consumer: Any, channel: Any, connection: Any, cold: bool) -> None:
+    def _shutdown(self, connection: Any, cold: bool) -> None:
+        consumer = self._consumer
+        channel = consumer.channel
         if self._control is not None:
             try:
                 self._control.stop()
             except Exception:
                 log.debug("stopping the remote-control node failed", exc_info=True)
         if self._control_connection is not None:
-            self._control_connection.release()
+            try:
+                self._control_connection.release()
+            except Exception:
+                log.debug("closing the remote-control connection failed", exc_info=True)
         for component in reversed(self._components):
             try:
                 component.stop()
@@ -521,6 +569,14 @@ class Worker:
                     except Exception:
                         log.exception("could not requeue %s; the broker returns it", decoded.id)
             self._inflight.clear()
+        if self._unsettled and not self._broker_down:
+            self._settle_unsettled()  # a last try: the broker may be back
+        if self._unsettled:
+            log.warning(
+                "%d finished task(s) could not be acknowledged (broker unreachable); the "
+                "broker delivers their messages again",
+                len(self._unsettled),
+            )
         returned = (
             len(self._reserved) + len(self._scheduled) + len(self.rate_limits) + len(self._inflight)
         )
@@ -529,8 +585,19 @@ class Worker:
         except Exception:
             log.debug("cancelling the consumer failed during shutdown", exc_info=True)
         # Closing the channel hands unacknowledged messages back to the broker.
-        channel.close()
-        connection.release()
+        try:
+            channel.close()
+        except Exception as exc:
+            log.warning(
+                "could not close the broker channel (%s); unacknowledged messages go back "
+                "to the queue when the broker notices (connection loss or visibility "
+                "timeout)",
+                _describe(exc),
+            )
+        try:
+            connection.release()
+        except Exception:
+            log.debug("closing the broker connection failed", exc_info=True)
         if returned:
             log.info("returned %d unfinished message(s) to the broker", returned)
         self.revoked.close()
@@ -598,10 +665,10 @@ class Worker:
             )
         except Exception:
             log.exception("could not dead-letter a message; it stays in its queue")
-            message.reject(requeue=True)
+            self._reject(message)
             return
         self.counts["dead_lettered"] += 1
-        message.ack()
+        self._ack(message)
 
     def _on_message(self, body: Any, message: Any) -> None:
         try:
@@ -614,7 +681,7 @@ class Worker:
                 headers.get("id", "?"),
             )
             if not message.acknowledged:
-                message.reject(requeue=True)
+                self._reject(message)
 
     def _receive(self, body: Any, message: Any) -> None:
         try:
@@ -699,7 +766,7 @@ class Worker:
             decoded.expires.isoformat(),
         )
         self._mark_revoked(message, decoded, "expired")
-        message.ack()
+        self._ack(message)
         return True
 
     def _mark_revoked(
@@ -738,7 +805,7 @@ class Worker:
     def _discard_revoked(self, message: Any, decoded: DecodedTask) -> None:
         log.info("task %s[%s] was revoked; not run", decoded.name, decoded.id)
         self._mark_revoked(message, decoded, "revoked")
-        message.ack()
+        self._ack(message)
 
     def _release_waiting(self) -> None:
         """Move held messages whose ETA came or whose rate-limit token arrived."""
@@ -828,7 +895,12 @@ class Worker:
 
     def _dispatch(self) -> None:
         assert self.pool is not None
-        while self._reserved and len(self._inflight) < self.pool.limit and self._stop_mode is None:
+        while (
+            self._reserved
+            and len(self._inflight) < self.pool.limit
+            and self._stop_mode is None
+            and not self._broker_down
+        ):
             message, decoded = self._reserved.popleft()
             if decoded.id in self.revoked:
                 self._discard_revoked(message, decoded)
@@ -844,7 +916,14 @@ class Worker:
         assert self.pool is not None
         task = self.app.tasks[decoded.name]
         if not task.option("acks_late"):
-            message.ack()
+            try:
+                if self._broker_down:
+                    raise self._broker_error or OperationalError("broker unreachable")
+                message.ack()
+            except self._broker_errors as exc:  # not taken: it waits for the broker
+                self._reserved.appendleft((message, decoded))
+                self._connection_lost(exc)
+                return
         tag = message.delivery_tag
         self._inflight[tag] = (message, decoded)
         soft, hard = self._time_limits(task, decoded)
@@ -903,7 +982,7 @@ class Worker:
                 decoded.id,
             )
             if not message.acknowledged:
-                message.reject(requeue=True)
+                self._reject(message)
 
     def _settle(
         self, message: Any, decoded: DecodedTask, outcome: Any, error: BaseException | None
@@ -938,13 +1017,13 @@ class Worker:
         elif outcome.reject:
             self._dead_letter(message, "the task rejected its message (Reject, requeue=False)")
         else:
-            message.ack()
+            self._ack(message)
 
     def _on_lost(self, message: Any, decoded: DecodedTask, error: BaseException) -> None:
         if isinstance(error, Terminated):  # a revoke with terminate=True killed it
             self._mark_revoked(message, decoded, "terminated", terminated=True)
             if not message.acknowledged:
-                message.ack()
+                self._ack(message)
             return
         if isinstance(error, TimeLimitExceeded):  # billiard killed the child
             self._on_hard_time_limit(message, decoded, error)
@@ -959,9 +1038,13 @@ class Worker:
             self._chord_member_failed(message, decoded, lost)
             self.counts["failed"] += 1
             if not message.acknowledged:
-                message.ack()
+                self._ack(message)
             return
-        self._requeue(message, decoded, f"the process running it died ({error})")
+        if isinstance(error, WorkerLostError):
+            reason = f"the process running it died ({error})"
+        else:  # the task ran, but storing or reporting its outcome failed
+            reason = f"it could not finish ({type(error).__name__}: {error})"
+        self._requeue(message, decoded, reason)
 
     def _on_hard_time_limit(self, message: Any, decoded: DecodedTask, error: BaseException) -> None:
         """The task ran past its hard limit and its process was killed: it failed."""
@@ -981,7 +1064,7 @@ class Worker:
             chord_part_return(self.app, context, states.FAILURE, exc)
         self.counts["failed"] += 1
         if not message.acknowledged:
-            message.ack()
+            self._ack(message)
 
     def _requeue(self, message: Any, decoded: DecodedTask, reason: str) -> None:
         """Return a message for another attempt, counted against ``task_max_deliveries``."""
@@ -995,27 +1078,32 @@ class Worker:
             self.app.conf.task_max_deliveries,
         )
         self.counts["requeued"] += 1
-        if "delivery_count" in self.features:
-            message.reject(requeue=True)
+        if "delivery_count" in self.features or self._broker_down:
+            self._reject(message)
             return
         # The transport does not count deliveries: republish a copy that carries the count.
         headers = dict(message.headers or {})
         headers[DELIVERY_COUNT_HEADER] = attempt
         info = message.delivery_info or {}
-        self._producer.publish(
-            message.body,
-            exchange=info.get("exchange", ""),
-            routing_key=info.get("routing_key", ""),
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            **{
-                k: v
-                for k, v in (message.properties or {}).items()
-                if k in ("correlation_id", "reply_to", "priority")
-            },
-        )
-        message.ack()
+        try:
+            self._producer.publish(
+                message.body,
+                exchange=info.get("exchange", ""),
+                routing_key=info.get("routing_key", ""),
+                headers=headers,
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                **{
+                    k: v
+                    for k, v in (message.properties or {}).items()
+                    if k in ("correlation_id", "reply_to", "priority")
+                },
+            )
+        except self._broker_errors as exc:  # return the message itself, uncounted
+            self._connection_lost(exc)
+            self._reject(message)
+            return
+        self._ack(message)
 
     def stats(self) -> dict:
         return {

@@ -3,91 +3,17 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kernel import App
+from kernel.testing.processes import WorkerProcess, wait_until
+
+__all__ = ["Broker", "WorkerProcess", "wait_until"]
 
 PROJECT = Path(__file__).parent / "project"
-START_TIMEOUT = 30.0
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05
-) -> object:
-    """Poll ``predicate`` until truthy; fail the test naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class WorkerProcess:
-    """A ``kernel worker`` subprocess in its own session, with its log in a file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel", *args],
-            cwd=PROJECT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self) -> WorkerProcess:
-        def ready() -> bool:
-            if " ready: " in self.log():  # it may already have finished, that is fine
-                return True
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            return False
-
-        wait_until(ready, START_TIMEOUT, "the worker to be ready")
-        return self
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def kill_group(self) -> None:
-        """SIGKILL the worker and its pool children, as a crash would."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-
-    def wait_exit(self, timeout: float = 30.0) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill_group()
-        else:
-            try:  # children of a worker that died may linger
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self._log.close()
 
 
 class Broker:
@@ -132,7 +58,9 @@ class Broker:
             str(visibility_timeout),
             *options,
         ]
-        process = WorkerProcess(args, self.env, self.tmp_path / f"worker{self._count}.log")
+        process = WorkerProcess(
+            args, self.env, self.tmp_path / f"worker{self._count}.log", cwd=PROJECT
+        )
         self.workers.append(process)
         return process.wait_ready() if wait else process
 

@@ -322,3 +322,37 @@ def test_sqlite_set_if_absent_refuses_a_live_value_and_takes_an_expired_one(sqli
         assert time.monotonic() < deadline, "expired value never released"
         time.sleep(0.02)
     assert backend.get("claim") == "third"
+
+
+def test_a_part_whose_report_failed_is_run_and_reported_again(kernel_app, monkeypatch):
+    """The result backend failing to count a header task must not lose the chord: the
+    worker returns the message, the task runs again and its report counts."""
+    from kernel import chord
+
+    @kernel_app.task(name="chords.double")
+    def double(x):
+        return 2 * x
+
+    @kernel_app.task(name="chords.total")
+    def total(values):
+        return sum(values)
+
+    backend = kernel_app.backend
+    real = type(backend).on_chord_part_return
+    failures = iter([ConnectionError("result backend unreachable")])
+
+    def flaky(self, request, state, result):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real(self, request, state, result)
+
+    monkeypatch.setattr(type(backend), "on_chord_part_return", flaky)
+    worker, thread = start_worker(kernel_app)
+    try:
+        result = chord([double.s(1), double.s(2)])(total.s())
+        assert result.get(timeout=10) == 6
+    finally:
+        stop_worker(worker, thread)
+    assert worker.counts["requeued"] == 1
+    assert next(failures, None) is None  # the failure did happen

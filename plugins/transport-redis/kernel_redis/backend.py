@@ -26,13 +26,14 @@ dies before sending it, its claim expires; the header task it was running comes 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import traceback as traceback_module
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from kernel import states
@@ -145,6 +146,20 @@ end
 return 1
 """
 
+# One more part for a running chord, counted once however often it is retried (a
+# timed-out INCR may have been applied): KEYS: extra (``.t``), counted (``.d``);
+# ARGV: the new part's id, chord expiry (ms, 0: none).
+GROW_SCRIPT = """
+if redis.call('SADD', KEYS[2], 'added:' .. ARGV[1]) == 1 then
+    redis.call('INCR', KEYS[1])
+end
+if tonumber(ARGV[2]) > 0 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
 # add_to_set: KEYS: the set; ARGV: member, expiry (ms, 0: none). Returns the size.
 ADD_TO_SET_SCRIPT = """
 redis.call('SADD', KEYS[1], ARGV[1])
@@ -202,9 +217,10 @@ class RedisBackend(KeyValueBackend):
     def __init__(self, app: Any, url: str) -> None:
         super().__init__(app, url)
         self.target = urls.parse(url)
-        self.transport_options = dict(
-            getattr(app.conf, "result_backend_transport_options", None) or {}
-        )
+        self.transport_options = {
+            **(getattr(app.conf, "redis_backend_use_ssl", None) or {}),
+            **(getattr(app.conf, "result_backend_transport_options", None) or {}),
+        }
         options = self.transport_options
         unknown = sorted(set(options) - BACKEND_OPTIONS - set(urls.CONNECTION_OPTIONS))
         if unknown:
@@ -550,7 +566,13 @@ class RedisBackend(KeyValueBackend):
     def add_to_chord(self, group_id: str, result: Any = None) -> None:
         """One more part for a running chord (Celery's ``Task.add_to_chord``)."""
         keys = self._chord_keys(group_id)
-        self._call("grow a chord", lambda client: client.incr(keys.extra))
+        part_id = getattr(result, "id", None) or uuid.uuid4().hex  # the same on retries
+        self._run_script(
+            "grow a chord",
+            GROW_SCRIPT,
+            [keys.extra, keys.counted],
+            [part_id, _milliseconds(self.chord_expires)],
+        )
 
     def on_chord_part_return(self, request: Any, state: str, result: Any) -> None:
         """Count header task ``request.id`` in its chord; the report that completes the
@@ -670,9 +692,10 @@ class RedisBackend(KeyValueBackend):
             from kernel.canvas import maybe_signature
 
             try:
-                maybe_signature(body, self.app).apply_async(
-                    (values,), parent_id=request.id, root_id=request.root_id or request.id
-                )
+                with self._claim_kept(keys, token, claim_ms):
+                    maybe_signature(body, self.app).apply_async(
+                        (values,), parent_id=request.id, root_id=request.root_id or request.id
+                    )
             except Exception as exc:
                 log.exception("chord %s: could not send its body", group_id)
                 error = ChordError(f"Callback error: {exc!r}")
@@ -690,6 +713,34 @@ class RedisBackend(KeyValueBackend):
                     "chord %s: its claim was lost before clean-up; its keys expire by themselves",
                     group_id,
                 )
+
+    @contextlib.contextmanager
+    def _claim_kept(self, keys: _ChordKeys, token: str, claim_ms: int) -> Iterator[None]:
+        """Renew the claim every third of its life while the body is being sent (a
+        publish may retry for longer than the claim lasts), so that no other report
+        takes the chord over and sends the body a second time."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.chord_claim_timeout / 3):
+                try:
+                    held = self._script(EXTEND_CLAIM_SCRIPT)(
+                        [keys.claim, keys.size], [token, claim_ms], client=self.client
+                    )
+                except Exception as exc:  # Redis unreachable: the next turn tries again
+                    log.warning("could not renew chord claim %s: %s", keys.claim, exc)
+                    continue
+                if not held:
+                    log.warning("chord claim %s was lost while its body was sent", keys.claim)
+                    return
+
+        keeper = threading.Thread(target=renew, name=f"chord-claim-{token[:8]}", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join()
 
     def _chord_outcome(
         self, group_id: str, keys: _ChordKeys

@@ -31,11 +31,12 @@ class QoS(KombuRedisQoS):
 
     def append(self, message: Any, delivery_tag: str) -> None:
         channel = self.channel
-        channel.run_script(
-            scripts.HOLD,
-            [channel.full_key(self.unacked_key), channel.full_key(self.unacked_index_key)],
-            [delivery_tag, stored_delivery(message._raw)],
-        )
+        if not channel.was_taken(delivery_tag):  # TAKE records most deliveries itself
+            channel.run_script(
+                scripts.HOLD,
+                [channel.full_key(self.unacked_key), channel.full_key(self.unacked_index_key)],
+                [delivery_tag, stored_delivery(message._raw)],
+            )
         virtual.QoS.append(self, message, delivery_tag)
         channel.keep_leases()
 

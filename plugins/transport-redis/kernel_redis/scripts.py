@@ -32,6 +32,43 @@ return 1
 """
 )
 
+#: Take the next message and record its delivery in one step, so that no moment exists
+#: where a message is out of its queue and not yet in ``unacked`` (a consumer or Redis
+#: dying then would lose it). Pops (RPOP) the first non-empty list of KEYS[3..], in
+#: serving order; when ARGV[i] is "1" for the list KEYS[i + 2] (its consumer acks),
+#: records the delivery as HOLD does: the payload with its exchange and routing key
+#: under its delivery tag in KEYS[1] (``unacked``), the tag scored with the server's
+#: clock in KEYS[2] (``unacked_index``). The payload is stored as it came, never
+#: re-encoded. Returns {list number (1-based), payload, 1 if recorded else 0}, or nil
+#: when every list is empty.
+TAKE = """
+for i = 3, #KEYS do
+    local item = redis.call('RPOP', KEYS[i])
+    if item then
+        local held = 0
+        if ARGV[i - 2] == '1' then
+            local ok, message = pcall(cjson.decode, item)
+            if ok and type(message) == 'table' and type(message.properties) == 'table'
+                    and type(message.properties.delivery_tag) == 'string' then
+                local info = message.properties.delivery_info
+                if type(info) ~= 'table' then
+                    info = {}
+                end
+                local stored = '[' .. item .. ',' .. cjson.encode(info.exchange) .. ','
+                    .. cjson.encode(info.routing_key) .. ']'
+                local time = redis.call('TIME')
+                local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+                redis.call('HSET', KEYS[1], message.properties.delivery_tag, stored)
+                redis.call('ZADD', KEYS[2], now, message.properties.delivery_tag)
+                held = 1
+            end
+        end
+        return {i - 2, item, held}
+    end
+end
+return nil
+"""
+
 #: Show the consumer holding tags ARGV[1..] is alive: their scores in KEYS[1]
 #: (``unacked_index``) become the server's clock. ``XX``: a tag acked or restored
 #: meanwhile is not added back. Returns how many scores changed.

@@ -9,6 +9,12 @@ hash and ``unacked_index`` sorted set, and fanout exchanges are pub/sub channels
 
 What this transport changes, and why:
 
+- **Taking is recording**: a message leaves its queue and enters ``unacked`` in one
+  Lua script (:data:`~kernel_redis.scripts.TAKE`), so a worker or Redis dying between
+  the two cannot lose it. A consumer with nothing waiting blocks in BRPOP (Redis has
+  no blocking command that both watches several lists and records), records what it
+  popped at once, and takes atomically again as long as messages are waiting; a popped
+  message it could not record (Redis went away) goes back to the front of its queue.
 - **Leases** (:mod:`kernel_redis.leases`): a consuming channel renews the deliveries
   it holds, so a task running longer than ``visibility_timeout`` (30 s here, an hour
   in Celery) is never delivered twice, while a dead worker's messages are back within
@@ -38,6 +44,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from redis.exceptions import NoScriptError
 
 from kernel_redis import messages, scripts
 from kernel_redis.leases import LeaseKeeper
@@ -91,6 +98,15 @@ class LeasedChannel:
         self._keeper_lock = threading.Lock()
         self._next_promotion: dict[str, float] = {}
         self._scripts: dict[str, Any] = {}
+        # Taking messages (see the module docstring, "Taking is recording").
+        self._taken: set[str] = set()  # tags recorded by TAKE, not yet seen by the QoS
+        self._unheld: list[tuple[str, str]] = []  # (full list key, payload) to put back
+        self._no_ack_queues: set[str] = set()  # consumed without acks: never recorded
+        self._getting_no_ack = False
+        self._take_next = True  # False after an empty TAKE: block in BRPOP instead
+        self._polling: str | None = None  # the command awaiting its reply: TAKE, BRPOP
+        self._poll_queues: list[str] = []  # queue of each list of the pending TAKE
+        self._take_sha: str | None = None
         super().__init__(*args, **kwargs)
         self._check_server_version()
 
@@ -301,22 +317,95 @@ class LeasedChannel:
     # -- consuming -------------------------------------------------------------------
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("no_ack", args[0] if args else False):
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
         tag = super().basic_consume(queue, *args, **kwargs)
         if queue not in self._fanout_queues:
             self.keep_leases()  # also sweeps: an idle consumer restores a dead one's work
         return tag
 
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        self._getting_no_ack = no_ack  # read by _get: a no-ack get is never recorded
+        try:
+            return super().basic_get(queue, no_ack=no_ack, **kwargs)
+        finally:
+            self._getting_no_ack = False
+
+    def was_taken(self, delivery_tag: str) -> bool:
+        """True (once) when TAKE already recorded this delivery: the QoS skips HOLD."""
+        if delivery_tag in self._taken:
+            self._taken.discard(delivery_tag)
+            return True
+        return False
+
+    def _take_keys(self, lists: list[str]) -> list[str]:
+        return [
+            self.full_key(self.unacked_key),
+            self.full_key(self.unacked_index_key),
+            *(self.full_key(key) for key in lists),
+        ]
+
+    def _taken_message(self, reply: list[Any], queues: list[str]) -> tuple[dict, str]:
+        """The message and queue of a TAKE reply; a recorded delivery is noted."""
+        number, item, held = reply
+        message = loads(bytes_to_str(item))
+        if int(held):
+            self._taken.add(message["properties"]["delivery_tag"])
+        return message, queues[int(number) - 1]
+
+    def _hold_popped(self, key: str, item: str, message: dict, queue: str) -> None:
+        """Record a delivery BRPOP popped. If Redis went away meanwhile, keep the
+        payload to put back at the front of its queue once Redis answers again."""
+        properties = message.get("properties")
+        tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+        if queue in self._no_ack_queues or not isinstance(tag, str):
+            return
+        try:
+            self.run_script(
+                scripts.HOLD,
+                [self.full_key(self.unacked_key), self.full_key(self.unacked_index_key)],
+                [tag, messages.stored_delivery(message)],
+            )
+        except self.connection_errors as exc:
+            self._unheld.append((self.full_key(key), item))
+            logger.warning(
+                "redis transport: a message popped from %r could not be recorded (%s); "
+                "it goes back to the front of its queue when Redis answers again",
+                queue,
+                exc,
+            )
+            raise
+        self._taken.add(tag)
+
+    def _put_back_unheld(self) -> None:
+        """Return popped messages that were never recorded (see ``_hold_popped``)."""
+        while self._unheld:
+            key, item = self._unheld[0]
+            self.raw.rpush(key, item)  # the front: delivered next, as if never taken
+            self._unheld.pop(0)
+            logger.info("redis transport: a popped message went back to %r", key)
+
     def _get(self, queue: str) -> dict:
         if self.delayed_delivery:
             self.promote_due([queue])
-        with self.conn_or_acquire() as client:
-            for step in self._serving_steps():
-                item = client.rpop(self._q_for_pri(queue, step))
-                if item:
-                    return loads(bytes_to_str(item))
-        raise Empty()
+        self._put_back_unheld()
+        lists = [self._q_for_pri(queue, step) for step in self._serving_steps()]
+        flag = "0" if self._getting_no_ack else "1"
+        reply = self.run_script(scripts.TAKE, self._take_keys(lists), [flag] * len(lists))
+        if not reply:
+            raise Empty()
+        return self._taken_message(reply, [queue] * len(lists))[0]
+
+    def _take_script(self) -> str:
+        if self._take_sha is None:
+            self._take_sha = str(self.raw.script_load(scripts.TAKE))
+        return self._take_sha
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        """Ask Redis for the next message on the polling connection: TAKE while
+        messages are waiting, BRPOP (blocking) once TAKE found every list empty."""
         if timeout is None:
             timeout = self.brpop_timeout
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -326,15 +415,64 @@ class LeasedChannel:
             timeout = self.brpop_timeout
         if self.delayed_delivery:
             timeout = min(timeout, self._promote_quietly(queues))
-        # BRPOP 0 would block for ever; Redis >= 6 takes fractions of a second.
-        timeout = max(0.01, round(float(timeout), 3))
-        keys = [self._q_for_pri(queue, step) for step in self._serving_steps() for queue in queues]
-        command = ["BRPOP", *keys, timeout]
-        if self.global_keyprefix:
-            command = self.client._prefix_args(command)
-        self._in_poll = self.client.connection
+        self._put_back_unheld()
+        pairs = [
+            (self._q_for_pri(queue, step), queue)
+            for step in self._serving_steps()
+            for queue in queues
+        ]
+        connection = self.client.connection
+        if self._take_next:
+            sha = self._take_script()
+            keys = self._take_keys([key for key, _ in pairs])
+            flags = ["0" if queue in self._no_ack_queues else "1" for _, queue in pairs]
+            command = ["EVALSHA", sha, len(keys), *keys, *flags]
+            self._poll_queues = [queue for _, queue in pairs]
+            self._polling = "TAKE"
+        else:
+            # BRPOP 0 would block for ever; Redis >= 6 takes fractions of a second.
+            timeout = max(0.01, round(float(timeout), 3))
+            command = ["BRPOP", *(key for key, _ in pairs), timeout]
+            if self.global_keyprefix:
+                command = self.client._prefix_args(command)
+            self._polling = "BRPOP"
+        self._in_poll = connection
         self._brpop_sent_at = time.monotonic()
-        self.client.connection.send_command(*command)
+        connection.send_command(*command)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        """Deliver the reply of the command ``_brpop_start`` sent (raises Empty when
+        there was nothing)."""
+        polling, self._polling = self._polling, None
+        connection = self.client.connection
+        try:
+            try:
+                reply = self.client.parse_response(connection, polling or "BRPOP", **options)
+            except self.connection_errors:
+                connection.disconnect()  # the next poll connects again
+                raise
+            except NoScriptError:  # Redis restarted: load the script again
+                self._take_sha = None
+                raise Empty() from None
+            if not reply:
+                self._take_next = False  # nothing waiting: block in BRPOP next
+                raise Empty()
+            self._take_next = True  # more may be waiting: take atomically again
+            if polling == "TAKE":
+                message, queue = self._taken_message(reply, self._poll_queues)
+            else:
+                key, item = bytes_to_str(reply[0]), bytes_to_str(reply[1])
+                queue = key.rsplit(self.sep, 1)[0]
+                message = loads(item)
+                self._hold_popped(key, item, message, queue)
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(message, queue)
+            return True
+        finally:
+            self._in_poll = None
+            reauth = getattr(self, "_flush_brpop_reauth", None)
+            if reauth is not None:
+                reauth()
 
     # -- queues ----------------------------------------------------------------------
 
@@ -395,6 +533,16 @@ class LeasedChannel:
             pipe.execute()
 
     def close(self) -> None:
+        if self._unheld:
+            try:
+                self._put_back_unheld()
+            except self.connection_errors as exc:
+                logger.error(
+                    "redis transport: Redis is unreachable (%s); %d popped message(s) that "
+                    "were never recorded are lost with this channel",
+                    exc,
+                    len(self._unheld),
+                )
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.stop()
@@ -444,7 +592,7 @@ class TLSChannel(Channel):
                 "a rediss:// broker URL needs its TLS options: add "
                 "?ssl_cert_reqs=required (or optional, or none to skip verifying the "
                 "server) and, as needed, ssl_ca_certs=/path/ca.pem, ssl_certfile=..., "
-                "ssl_keyfile=... to the URL"
+                "ssl_keyfile=... to the URL, or set broker_use_ssl to a dict of those options"
             )
         return super()._connparams(asynchronous)
 

@@ -37,18 +37,25 @@ def plugins() -> PluginManager:
 
 def make_app(url: str, plugins: PluginManager, **settings: Any) -> App:
     transport_options = settings.pop("transport_options", None)
-    app = App("redis-backend-test", broker="memory://", backend=url, plugins=plugins, **settings)
-    if transport_options is not None:  # not a kernel setting yet: set as an attribute
-        app.conf.result_backend_transport_options = transport_options
-    return app
+    if transport_options is not None:
+        settings["result_backend_transport_options"] = transport_options
+    return App("redis-backend-test", broker="memory://", backend=url, plugins=plugins, **settings)
 
 
-def broker_roundtrip(url: str, plugins: PluginManager, **transport_options: Any) -> None:
+def broker_roundtrip(
+    url: str, plugins: PluginManager, settings: dict | None = None, **transport_options: Any
+) -> None:
     """A message published through broker ``url`` comes back, through kernel's channel."""
     from kernel_redis.transport import LeasedChannel
     from kombu import Exchange, Queue
 
-    app = App("redis-broker-url-test", broker=url, backend="cache+memory://", plugins=plugins)
+    app = App(
+        "redis-broker-url-test",
+        broker=url,
+        backend="cache+memory://",
+        plugins=plugins,
+        **(settings or {}),
+    )
     app.conf.broker_transport_options = transport_options
     name = f"url-{new_id()}"
     queue = Queue(name, Exchange(name), routing_key=name)
@@ -384,6 +391,46 @@ def test_chord_whose_firing_worker_died_is_fired_by_the_redelivered_report(app, 
     assert raw.get(f"{key}.c") == b"done"
 
 
+def test_a_part_added_to_a_running_chord_is_counted_once_however_often_retried(app, raw):
+    backend, group_id = app.backend, new_id()
+    backend.apply_chord(group_id, [new_id()], _body(app, f"q.{uuid.uuid4().hex}"))
+    added = AsyncResult(new_id(), app)
+    backend.add_to_chord(group_id, added)
+    backend.add_to_chord(group_id, added)  # e.g. a timed-out call retried
+    backend.add_to_chord(group_id, AsyncResult(new_id(), app))
+    assert raw.get(f"celery-taskset-meta-{group_id}.t") == b"2"
+
+
+def test_the_claim_is_kept_while_a_slow_body_is_sent(app, raw, monkeypatch):
+    """A body publish that retries past the claim's life must not let another report
+    take the chord over and send the body twice."""
+    from kernel.canvas import Signature
+
+    backend, group_id, queue = app.backend, new_id(), f"q.{uuid.uuid4().hex}"
+    backend.chord_claim_timeout = 0.3
+    header = [new_id()]
+    body = _body(app, queue)
+    backend.apply_chord(group_id, header, body)
+    key = f"celery-taskset-meta-{group_id}.c"
+    claims_seen = []
+    real = Signature.apply_async
+
+    def slow_publish(self, *args, **kwargs):
+        deadline = time.monotonic() + 1.2  # four claim lifetimes
+        while time.monotonic() < deadline:
+            claims_seen.append(raw.get(key))
+            time.sleep(0.05)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Signature, "apply_async", slow_publish)
+    backend.on_chord_part_return(_header_request(group_id, header[0], 0, body), "SUCCESS", 0)
+    assert claims_seen and None not in claims_seen  # never expired meanwhile
+    assert len(set(claims_seen)) == 1
+    [message] = _drain(app, queue)
+    assert message.decode()[0] == [[0]]
+    assert raw.get(key) == b"done"
+
+
 def test_nested_group_header_gives_the_body_nested_values(app):
     backend, group_id, queue = app.backend, new_id(), f"q.{uuid.uuid4().hex}"
     first, inner_id, second, third = new_id(), new_id(), new_id(), new_id()
@@ -496,6 +543,20 @@ def test_tls_options_come_from_the_url_and_transport_options(plugins):
 
     assert options["ssl_cert_reqs"] == ssl.CERT_OPTIONAL
     assert options["ssl_ca_certs"] == "/ca.pem"  # the URL wins
+
+
+def test_redis_backend_use_ssl_gives_tls_options_below_transport_options(plugins):
+    import ssl
+
+    app = make_app(
+        "rediss://h:6380/0",
+        plugins,
+        redis_backend_use_ssl={"ssl_cert_reqs": "required", "ssl_ca_certs": "/ca.pem"},
+        transport_options={"ssl_ca_certs": "/other.pem"},
+    )
+    options = app.backend.connection_options
+    assert options["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    assert options["ssl_ca_certs"] == "/other.pem"
 
 
 # -- servers of the tests' own: unreachable Redis, unix socket, sentinel, TLS -----------------
@@ -694,6 +755,8 @@ def test_rediss_url_with_a_verified_certificate(plugins, own_server, tmp_path):
     )
     with pytest.raises(ConfigurationError, match=r"needs its TLS options: add \?ssl_cert_reqs"):
         broker_roundtrip(f"rediss://127.0.0.1:{port}/0", plugins)
+    use_ssl = {"ssl_cert_reqs": "required", "ssl_ca_certs": str(ca)}
+    broker_roundtrip(f"rediss://127.0.0.1:{port}/0", plugins, {"broker_use_ssl": use_ssl})
     untrusted = make_app(
         f"rediss://127.0.0.1:{port}/0", plugins, transport_options={"retry_timeout": 0.5}
     )

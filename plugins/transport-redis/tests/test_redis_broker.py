@@ -270,3 +270,90 @@ def test_bindings_lost_by_a_redis_restart_are_declared_again(broker):
     assert broker.raw.sismember(
         f"_kombu.binding.{queue.exchange.name}", f"{queue.name}\x06\x16\x06\x16{queue.name}"
     )
+
+
+def consume_one(connection: kombu.Connection, queue: Queue, no_ack: bool = False):
+    """Consume ``queue`` until one message arrives (through the poller: TAKE/BRPOP)."""
+    received = []
+    with connection.Consumer(
+        queue, callbacks=[lambda body, msg: received.append(msg)], no_ack=no_ack
+    ):
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            try:
+                connection.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+    assert received, f"nothing was delivered from {queue.name}"
+    return received[0]
+
+
+def test_a_waiting_message_is_taken_and_recorded_in_one_step(broker, monkeypatch):
+    from kernel_redis import scripts
+    from kernel_redis.messages import read_stored_delivery
+
+    connection = broker.connect()
+    queue = broker.queue()
+    for n in range(3):
+        broker.publish(connection, queue, f"waiting {n}")
+    real = type(connection.default_channel).run_script
+
+    def no_separate_hold(self, source, keys, args):
+        assert source != scripts.HOLD, "a waiting message was popped, then recorded"
+        return real(self, source, keys, args)
+
+    monkeypatch.setattr(type(connection.default_channel), "run_script", no_separate_hold)
+    message = consume_one(connection, queue)
+    # Recorded by the take itself, in the stored layout kombu and the sweep read.
+    raw, exchange, routing_key = read_stored_delivery(
+        broker.raw.hget("unacked", message.delivery_tag)
+    )
+    assert raw["properties"]["delivery_tag"] == message.delivery_tag
+    assert (exchange, routing_key) == (queue.exchange.name, queue.routing_key)
+    assert broker.raw.zscore("_kernel.leases", message.delivery_tag) is not None
+    message.ack()
+    assert broker.raw.hlen("unacked") == 0
+
+
+def test_no_ack_deliveries_are_never_recorded(broker):
+    connection = broker.connect()
+    queue = broker.queue()
+    broker.publish(connection, queue, "fire and forget")
+    broker.publish(connection, queue, "got without ack")
+    consume_one(connection, queue, no_ack=True)
+    got = wait_for(lambda: queue(connection.default_channel).get(no_ack=True))
+    assert got is not None and got.payload == "got without ack"
+    # Nothing to renew or sweep: a recorded no-ack delivery would come back later.
+    assert broker.raw.hlen("unacked") == 0
+    assert broker.raw.zcard("_kernel.leases") == 0
+
+
+def test_a_popped_message_that_could_not_be_recorded_goes_back_first(broker, monkeypatch):
+    connection = broker.connect()
+    queue = broker.queue()
+    channel = connection.default_channel
+    channel._take_next = False  # as after an empty take: the next poll is a BRPOP
+    broker.publish(connection, queue, "popped during an outage")
+    real = type(channel).run_script
+    failures = iter([redis.ConnectionError("Redis went away")])
+
+    def flaky(self, source, keys, args):
+        from kernel_redis import scripts
+
+        if source == scripts.HOLD:
+            error = next(failures, None)
+            if error is not None:
+                raise error
+        return real(self, source, keys, args)
+
+    monkeypatch.setattr(type(channel), "run_script", flaky)
+    consumer = connection.Consumer(queue, callbacks=[lambda body, msg: None])
+    with pytest.raises(redis.ConnectionError), consumer:
+        connection.drain_events(timeout=5)
+    assert channel._unheld  # kept in memory, not lost
+
+    message = consume_one(connection, queue)  # put back at the front, then taken
+    assert message.payload == "popped during an outage"
+    assert "x-delivery-count" not in message.headers  # never started: not counted
+    message.ack()
+    assert broker.raw.hlen("unacked") == 0 and not channel._unheld
