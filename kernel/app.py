@@ -463,10 +463,41 @@ class App:
         )
         entities = self._route_entities.get(key)
         if entities is None:
-            exchange = Exchange(key[1], type=key[3])
-            entities = (exchange, Queue(key[0], exchange, routing_key=key[2]))
+            configured = self.configured_queue(key[0])
+            if (
+                configured is not None
+                and (
+                    configured.exchange.name,
+                    configured.routing_key,
+                    configured.exchange.type,
+                )
+                == key[1:]
+            ):
+                entities = (configured.exchange, configured)
+            else:
+                exchange = Exchange(key[1], type=key[3])
+                queue = Queue(
+                    key[0], exchange, routing_key=key[2], queue_arguments=self._queue_arguments()
+                )
+                entities = (exchange, queue)
             self._route_entities[key] = entities
         return entities
+
+    def configured_queue(self, name: str) -> Queue | None:
+        """The kombu ``Queue`` named ``name`` in ``task_queues``, if one is given there."""
+        for queue in self.conf.task_queues or ():
+            if isinstance(queue, Queue) and queue.name == name:
+                return queue
+        return None
+
+    def _queue_arguments(self) -> dict[str, Any] | None:
+        """Arguments of the queues kernel declares by name, from the settings."""
+        arguments: dict[str, Any] = {}
+        if self.conf.task_default_queue_type != "classic":
+            arguments["x-queue-type"] = self.conf.task_default_queue_type
+        if self.conf.task_queue_max_priority is not None:
+            arguments["x-max-priority"] = int(self.conf.task_queue_max_priority)
+        return arguments or None
 
     def _publish(
         self,
@@ -592,13 +623,27 @@ class App:
         default = self.conf.task_default_queue
         queues = []
         for name in names:
+            configured = self.configured_queue(name)
+            if configured is not None:
+                queues.append(configured)
+                continue
             is_default = name == default
             exchange_name = (self.conf.task_default_exchange if is_default else None) or name
             routing_key = (self.conf.task_default_routing_key if is_default else None) or name
             queues.append(
-                Queue(name, Exchange(exchange_name, type="direct"), routing_key=routing_key)
+                Queue(
+                    name,
+                    Exchange(exchange_name, type="direct"),
+                    routing_key=routing_key,
+                    queue_arguments=self._queue_arguments(),
+                )
             )
         return queues
+
+    def queue_names(self) -> list[str]:
+        """The names of ``task_queues`` (names or ``Queue`` objects), else the default."""
+        configured = self.conf.task_queues or [self.conf.task_default_queue]
+        return [queue.name if isinstance(queue, Queue) else str(queue) for queue in configured]
 
     def purge(self, queues: Iterable[str] | None = None) -> int:
         """Delete every waiting message in ``queues`` (default queue); returns how many."""

@@ -156,6 +156,46 @@ class Settings:
     result_accept_content: list | None = setting(
         None, "Content types accepted when reading results; None means `accept_content`."
     )
+    result_extended: bool = setting(
+        False,
+        "Store the task's name, args, kwargs, worker hostname, retries and queue with its "
+        "result (Celery's extended result), where they can be read back with "
+        "`backend.get_task_meta(id)`. The SQL backend keeps them in columns of its own.",
+    )
+    database_table_names: dict = setting(
+        None,
+        "SQL result backend: table names, `{'task': ..., 'group': ...}`; left out, "
+        "Celery's `celery_taskmeta` and `celery_tasksetmeta`.",
+        factory=dict,
+    )
+    database_table_schemas: dict = setting(
+        None,
+        "SQL result backend: the schema of each table, `{'task': ..., 'group': ...}` "
+        "(PostgreSQL schema, MySQL database); left out, the connection's default. The "
+        "schema must exist. The kernel's chord tables go in the task table's schema.",
+        factory=dict,
+    )
+    database_engine_options: dict = setting(
+        None,
+        "SQL result backend: keyword arguments for SQLAlchemy's `create_engine` "
+        "(`pool_size`, `max_overflow`, `pool_pre_ping`, `pool_recycle`, `echo`, "
+        "`connect_args`, ...), applied over the defaults `pool_recycle=3600, "
+        "pool_pre_ping=False` (an operation on a dead pooled connection is retried on a "
+        "new one anyway, so pinging first would only add a round trip).",
+        factory=dict,
+    )
+    database_short_lived_sessions: bool = setting(
+        False,
+        "SQL result backend: open a new database connection for every operation and "
+        "close it afterwards, instead of keeping a pool (for servers that drop idle "
+        "connections, or behind PgBouncer-like proxies).",
+    )
+    database_retry_timeout: float = setting(
+        10.0,
+        "SQL result backend: seconds an operation is retried while the database is "
+        "unreachable or reports a transient error (deadlock, lock timeout, lost "
+        "connection) before it fails with `SQLBackendUnavailable`.",
+    )
 
     # ----------------------------------------------------------- messages
     task_serializer: str = setting("json", "Serializer for task messages.")
@@ -195,7 +235,24 @@ class Settings:
     )
     task_default_priority: int | None = setting(None, "Priority for tasks that set none.")
     task_queues: list | None = setting(
-        None, "Queue names the worker consumes from when `-Q` is not given."
+        None,
+        "Queues the worker consumes from when `-Q` is not given: names, or kombu `Queue` "
+        "objects, whose exchange, routing key and arguments (e.g. `x-max-priority`, "
+        "`x-queue-type`) are then used wherever kernel declares or routes to that queue.",
+    )
+    task_default_queue_type: str = attrs.field(
+        default="classic",
+        validator=attrs.validators.in_(("classic", "quorum")),
+        metadata={
+            "doc": "Type of the queues kernel declares by name (not `Queue` objects of "
+            "`task_queues`): `classic`, or `quorum` for RabbitMQ's replicated queues "
+            "(`x-queue-type`). Brokers without queue types ignore it."
+        },
+    )
+    task_queue_max_priority: int | None = setting(
+        None,
+        "`x-max-priority` of the queues kernel declares by name (RabbitMQ classic queues "
+        "need it for priorities); None declares none.",
     )
     task_routes: Any = setting(
         None,

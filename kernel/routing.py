@@ -104,6 +104,11 @@ def resolve_route(
     conf = app.conf
     queue = route.get("queue") or conf.task_default_queue
     route["queue"] = queue
+    configured = app.configured_queue(queue)
+    if configured is not None:  # a Queue object of task_queues: its binding
+        route.setdefault("exchange", configured.exchange.name)
+        route.setdefault("routing_key", configured.routing_key)
+        route.setdefault("exchange_type", configured.exchange.type)
     is_default = queue == conf.task_default_queue
     route.setdefault("exchange", (conf.task_default_exchange if is_default else None) or queue)
     route.setdefault(

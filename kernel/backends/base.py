@@ -73,8 +73,10 @@ class Backend:
             return result.as_tuple()
         return result
 
-    def mark_as_started(self, task_id: str, meta: dict | None = None) -> dict:
-        return self.store_result(task_id, meta or {}, states.STARTED)
+    def mark_as_started(self, task_id: str, meta: dict | None = None, request: Any = None) -> dict:
+        """Store STARTED; ``request`` (the task's ``Context``) lets ``result_extended``
+        record the task's name and arguments while it runs, as Celery does."""
+        return self.store_result(task_id, meta or {}, states.STARTED, request=request)
 
     def mark_as_done(self, task_id: str, result: Any, request: Any = None) -> dict:
         return self.store_result(task_id, result, states.SUCCESS, request=request)
@@ -84,10 +86,10 @@ class Backend:
     ) -> dict:
         return self.store_result(task_id, exc, states.FAILURE, traceback, request)
 
-    def mark_as_revoked(self, task_id: str, reason: str = "revoked") -> dict:
+    def mark_as_revoked(self, task_id: str, reason: str = "revoked", request: Any = None) -> dict:
         from kernel.exceptions import TaskRevokedError
 
-        return self.store_result(task_id, TaskRevokedError(reason), states.REVOKED)
+        return self.store_result(task_id, TaskRevokedError(reason), states.REVOKED, request=request)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -123,7 +125,15 @@ class Backend:
         raise NotImplementedError
 
     def cleanup(self) -> int:
-        """Delete expired results; returns how many. Optional."""
+        """Delete the results and saved groups older than ``result_expires``; return
+        how many were deleted.
+
+        Run by ``kernel cleanup`` and by the builtin task ``celery.backend_cleanup``
+        (Celery's name, for a periodic schedule). A backend whose store drops expired
+        entries by itself (Redis keys with a TTL) keeps this default, which deletes
+        nothing and returns 0; backends that keep rows until asked (SQL, SQLite) must
+        override it, and must delete nothing when ``result_expires`` is None.
+        """
         return 0
 
     def close(self) -> None:
@@ -256,7 +266,10 @@ class KeyValueBackend(Backend):
         request: Any = None,
     ) -> dict:
         children = list(getattr(request, "children", None) or [])
-        meta = document.build(task_id, state, self.prepare_value(result), traceback, children)
+        extra = extended_fields(request) if self.app.conf.result_extended else None
+        meta = document.build(
+            task_id, state, self.prepare_value(result), traceback, children, extra
+        )
         self.set(document.result_key(task_id), self._encode(meta), self.expires)
         return meta
 
@@ -481,6 +494,25 @@ class KeyValueBackend(Backend):
             errbacks=list(errbacks),
         )
         run_errbacks(self.app, body_request, error, text)
+
+
+def extended_fields(request: Any) -> dict[str, Any] | None:
+    """What ``result_extended`` adds to a stored result, from the task's request (None
+    when there is no request): Celery's names and meanings, ``queue`` being the
+    routing key the message arrived with."""
+    if request is None:
+        return None
+    delivery_info = getattr(request, "delivery_info", None) or {}
+    args = getattr(request, "args", None)
+    kwargs = getattr(request, "kwargs", None)
+    return {
+        "name": getattr(request, "task", None),
+        "args": list(args) if args is not None else None,
+        "kwargs": dict(kwargs) if kwargs is not None else None,
+        "worker": getattr(request, "hostname", None),
+        "retries": getattr(request, "retries", None),
+        "queue": delivery_info.get("routing_key"),
+    }
 
 
 def _chord_values(group: ResultSet, metas: dict[str, dict]) -> list[Any]:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from kernel import states
-from kernel.exceptions import ChordError, RemoteException
+from kernel.exceptions import ChordError, RemoteException, TaskRevokedError, WorkerLostError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ GROUP_KEY_PREFIX = "celery-taskset-meta-"
 #: Celery's class; a document naming them reads back as kernel's class here.
 WIRE_NAMES: dict[type[BaseException], tuple[str, str]] = {
     ChordError: ("celery.exceptions", "ChordError"),
+    TaskRevokedError: ("celery.exceptions", "TaskRevokedError"),
+    WorkerLostError: ("billiard.exceptions", "WorkerLostError"),
 }
 _FROM_WIRE = {name: cls for cls, name in WIRE_NAMES.items()}
 

@@ -85,6 +85,10 @@ class chain(Signature):  # noqa: N801 - Celery's name
             step.freeze()
         return last
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``chain(...)(*args, **kwargs)`` sends the chain (as in Celery), not a local call."""
+        return self.apply_async(args, kwargs)
+
     def apply_async(
         self, args: Any = None, kwargs: Any = None, app: Any = None, **options: Any
     ) -> Any:

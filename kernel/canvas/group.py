@@ -71,6 +71,10 @@ class group(Signature):  # noqa: N801 - Celery's name
         ]
         return GroupResult(group_id, results, app=self._need_app())
 
+    def __call__(self, *args: Any, **options: Any) -> Any:
+        """``group(...)(*args)`` sends the group with ``args`` prepended to each member's."""
+        return self.apply_async(args, **options)
+
     def apply_async(
         self, args: Any = None, kwargs: Any = None, app: Any = None, **options: Any
     ) -> Any:

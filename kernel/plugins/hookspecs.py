@@ -107,7 +107,9 @@ def kernel_route_task(app: Any, name: str, args: Any, kwargs: Any, options: dict
 def kernel_before_task_publish(
     app: Any, name: str, body: Any, headers: dict, properties: dict, routing: dict
 ) -> None:
-    """Called just before a task message is sent; may modify ``headers`` in place."""
+    """Called just before a task message is sent; may modify ``headers`` and
+    ``properties`` (e.g. ``reply_to`` for a result backend that answers by message)
+    in place."""
 
 
 @hookspec

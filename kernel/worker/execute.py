@@ -100,7 +100,7 @@ def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcom
     ignore = context.ignore_result or bool(task.option("ignore_result"))
     started = time.monotonic()
     if backend is not None and not ignore and task.option("track_started"):
-        backend.mark_as_started(context.id, {"hostname": context.hostname})
+        backend.mark_as_started(context.id, {"hostname": context.hostname}, request=context)
     call_hook_safely(
         hook.kernel_task_prerun,
         task=task,
@@ -142,7 +142,7 @@ def execute(task: Task, context: Context, *, store: bool = True) -> tuple[Outcom
         state = states.REVOKED
         log.warning("task %s[%s] terminated by a revoke", task.name, context.id)
         if backend is not None:
-            backend.mark_as_revoked(context.id, "terminated")
+            backend.mark_as_revoked(context.id, "terminated", request=context)
         call_hook_safely(
             hook.kernel_task_revoked, task=task, request=context, terminated=True, expired=False
         )

@@ -137,7 +137,7 @@ class Worker(BrokerLink):
         )
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
-        self.queue_names = list(queues or conf.task_queues or [conf.task_default_queue])
+        self.queue_names = list(queues or app.queue_names())
         self.prefetch_multiplier = (
             conf.worker_prefetch_multiplier if prefetch_multiplier is None else prefetch_multiplier
         )
@@ -502,6 +502,7 @@ class Worker(BrokerLink):
             # Slot-bound: work is waiting and every slot is busy, so the next thing
             # that matters is a task finishing; wait for exactly that event, and
             # look at the broker (remote control: revoke, terminate) in between.
+            self._keep_heartbeats(connection)
             self._wait_completion(self._until_next_release(self.control_poll))
             return
         timeout = self.busy_poll if self._inflight else self.idle_poll
@@ -605,6 +606,19 @@ class Worker(BrokerLink):
         self.app.close()
         self.stopped.set()
         log.info("worker %s stopped (%s shutdown)", self.hostname, "cold" if cold else "warm")
+
+    @staticmethod
+    def _keep_heartbeats(connection: Any) -> None:
+        """With AMQP heartbeats on, the broker drops a connection that neither sends nor
+        reads for twice the interval: while every slot is busy, read what arrived (the
+        prefetch window is full, so mostly heartbeats) and send ours when due."""
+        if not getattr(connection, "heartbeat", None):
+            return
+        try:
+            connection.drain_events(timeout=0)
+        except TimeoutError:
+            pass
+        connection.heartbeat_check()
 
     # ----------------------------------------------------------------- receiving
 
@@ -774,7 +788,11 @@ class Worker(BrokerLink):
     ) -> None:
         self.counts["revoked"] += 1
         try:
-            self.app.backend.mark_as_revoked(decoded.id, reason)
+            self.app.backend.mark_as_revoked(
+                decoded.id,
+                reason,
+                request=context_for(decoded, self.hostname, message.delivery_info),
+            )
         except Exception:  # the message is still acknowledged: the task must not run
             log.exception(
                 "task %s[%s] was not run (%s) but its REVOKED state could not be stored",
@@ -1034,7 +1052,11 @@ class Worker(BrokerLink):
                 f"task {decoded.name}[{decoded.id}]: the process running it died ({error})"
             )
             log.error("%s; marked FAILURE", lost)
-            self.app.backend.mark_as_failure(decoded.id, lost)
+            self.app.backend.mark_as_failure(
+                decoded.id,
+                lost,
+                request=context_for(decoded, self.hostname, message.delivery_info),
+            )
             self._chord_member_failed(message, decoded, lost)
             self.counts["failed"] += 1
             if not message.acknowledged:
@@ -1082,14 +1104,21 @@ class Worker(BrokerLink):
             self._reject(message)
             return
         # The transport does not count deliveries: republish a copy that carries the count.
+        # It goes back to the queue it came from only (the default exchange routes by
+        # queue name): through its exchange, a fanout or an overlapping topic binding
+        # would copy it into every other bound queue.
         headers = dict(message.headers or {})
         headers[DELIVERY_COUNT_HEADER] = attempt
         info = message.delivery_info or {}
+        queue = self._queue_of(message)
+        exchange, routing_key = (
+            ("", queue) if queue else (info.get("exchange", ""), info.get("routing_key", ""))
+        )
         try:
             self._producer.publish(
                 message.body,
-                exchange=info.get("exchange", ""),
-                routing_key=info.get("routing_key", ""),
+                exchange=exchange,
+                routing_key=routing_key,
                 headers=headers,
                 content_type=message.content_type,
                 content_encoding=message.content_encoding,
@@ -1104,6 +1133,15 @@ class Worker(BrokerLink):
             self._reject(message)
             return
         self._ack(message)
+
+    def _queue_of(self, message: Any) -> str | None:
+        """The queue ``message`` was consumed from, by its consumer tag; None if unknown."""
+        tag = (message.delivery_info or {}).get("consumer_tag")
+        active = getattr(self._consumer, "_active_tags", None) or {}
+        for queue, consumer_tag in active.items():
+            if consumer_tag == tag:
+                return str(queue)
+        return None
 
     def stats(self) -> dict:
         return {

@@ -21,3 +21,22 @@ class TestMemoryBackend(BackendContract):
     @pytest.fixture
     def backend_url(self):
         return f"cache+memory://{uuid.uuid4().hex}"
+
+
+@pytest.mark.parametrize(
+    ("kernel_class", "module"),
+    [
+        ("TaskRevokedError", "celery.exceptions"),
+        ("WorkerLostError", "billiard.exceptions"),
+    ],
+)
+def test_revoked_and_worker_lost_are_stored_under_celerys_names(kernel_class, module):
+    """Celery clients rebuild them as their own classes; kernel reads them back as its own."""
+    import kernel.exceptions
+    from kernel.backends import document
+
+    cls = getattr(kernel.exceptions, kernel_class)
+    encoded = document.encode_exception(cls("why"))
+    assert (encoded["exc_module"], encoded["exc_type"]) == (module, kernel_class)
+    decoded = document.decode_exception(encoded)
+    assert type(decoded) is cls and str(decoded) == "why"

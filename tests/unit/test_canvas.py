@@ -324,3 +324,9 @@ def test_chunk_parts_are_routed_like_their_task(kernel_app, tasks):
     parts = tasks.add.chunks([(1, 2), (3, 4)], 1).group()
     clones = [part.clone() for part in parts.tasks]
     assert {type(c).__name__ for c in clones} == {"xstarmap"}
+
+
+def test_calling_a_chain_or_a_group_sends_it_as_celery_does(tasks, worker):
+    assert chain(tasks.add.s(1, 2), tasks.mul.s(10))().get(timeout=TIMEOUT) == 30
+    assert chain(tasks.add.s(1), tasks.mul.s(10))(2).get(timeout=TIMEOUT) == 30
+    assert group(tasks.add.s(1), tasks.add.s(2))(10).get(timeout=TIMEOUT) == [11, 12]

@@ -591,3 +591,29 @@ def test_publish_retry_delays_follow_kombus_intervals():
     assert [publish_retry_delay(policy, n) for n in (1, 2, 3, 4, 5)] == pytest.approx(
         [0, 0.2, 0.4, 0.5, 0.5]
     )
+
+
+class HeartbeatConnection:
+    """Records what the worker does with a connection that has AMQP heartbeats."""
+
+    def __init__(self, heartbeat: float) -> None:
+        self.heartbeat = heartbeat
+        self.calls: list[str] = []
+
+    def drain_events(self, timeout: float | None = None) -> None:
+        self.calls.append(f"drain {timeout}")
+        raise TimeoutError
+
+    def heartbeat_check(self) -> None:
+        self.calls.append("heartbeat")
+
+
+def test_heartbeats_are_read_and_sent_while_every_slot_is_busy():
+    """Sending alone is not enough: py-amqp drops a connection it has not read from for
+    two intervals, so a worker whose slots are all busy must read as well."""
+    busy = HeartbeatConnection(heartbeat=2)
+    Worker._keep_heartbeats(busy)
+    assert busy.calls == ["drain 0", "heartbeat"]
+    without = HeartbeatConnection(heartbeat=0)
+    Worker._keep_heartbeats(without)
+    assert without.calls == []

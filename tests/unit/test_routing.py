@@ -283,3 +283,41 @@ def test_router_is_called_exactly_once_even_when_it_raises_type_error(kernel_app
     with pytest.raises(TypeError, match="router bug"):
         kernel_app.send_task("proj.anything", ())
     assert calls == ["proj.anything"]
+
+
+def test_queue_objects_in_task_queues_give_their_binding_and_arguments(kernel_plugins):
+    from kombu import Exchange
+
+    reports = Queue(
+        "reports",
+        Exchange("office", type="topic"),
+        routing_key="reports.#",
+        queue_arguments={"x-max-priority": 10},
+    )
+    app = App("q", broker="memory://", backend=None, plugins=kernel_plugins)
+    app.conf.update(task_queues=[reports, "plain"], task_routes={"r.*": {"queue": "reports"}})
+    route = resolve_route(app, "r.monthly", (), {}, {})
+    assert (route["exchange"], route["routing_key"], route["exchange_type"]) == (
+        "office",
+        "reports.#",
+        "topic",
+    )
+    assert app._entities(route)[1] is reports  # declared with its arguments
+    assert app.queue_names() == ["reports", "plain"]
+    consumed = app.queues_for(app.queue_names())
+    assert consumed[0] is reports
+    assert consumed[1].queue_arguments is None
+
+
+def test_default_queue_type_and_max_priority_reach_the_queues_declared_by_name(kernel_plugins):
+    app = App("q", broker="memory://", backend=None, plugins=kernel_plugins)
+    app.conf.update(task_default_queue_type="quorum", task_queue_max_priority=5)
+    [queue] = app.queues_for(["work"])
+    assert queue.queue_arguments == {"x-queue-type": "quorum", "x-max-priority": 5}
+    _, published = app._entities(resolve_route(app, "t.any", (), {}, {"queue": "work"}))
+    assert published.queue_arguments == {"x-queue-type": "quorum", "x-max-priority": 5}
+
+
+def test_unknown_queue_type_is_refused():
+    with pytest.raises(ValueError, match="task_default_queue_type"):
+        App("q", broker="memory://", backend=None, task_default_queue_type="stream")
