@@ -121,9 +121,9 @@ def load_app(ctx: click.Context) -> Any:
 
 
 def _register_commands() -> None:
-    from kernel.cli import call, control, plugins, purge, worker
+    from kernel.cli import call, cleanup, control, plugins, purge, worker
 
-    for module in (worker, call, purge, control, plugins):
+    for module in (worker, call, purge, cleanup, control, plugins):
         for command in module.COMMANDS:
             cli.add_command(command)
 
