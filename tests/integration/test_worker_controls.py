@@ -186,7 +186,7 @@ def test_soft_shutdown_gives_running_tasks_time_then_requeues_them(broker: Broke
     broker.env["KERNEL_WORKER_SOFT_SHUTDOWN_TIMEOUT"] = "1.5"
     worker = broker.worker("-P", "prefork", "-c", "2", app=APP)
     short = send(broker, "sleeper", "short", 0.5)
-    long = send(broker, "sleeper", "long", 30)
+    send(broker, "sleeper", "long", 30)
     wait_until(
         lambda: started(broker, "short") and started(broker, "long"), 20, "both tasks to start"
     )
@@ -198,20 +198,20 @@ def test_soft_shutdown_gives_running_tasks_time_then_requeues_them(broker: Broke
     assert short.get(timeout=10) == "finished"
     assert not lines(broker, "end", "long")
     broker.env.pop("KERNEL_WORKER_SOFT_SHUTDOWN_TIMEOUT")
-    broker.worker("-P", "prefork", "-c", "1", app=APP)
+    second = broker.worker("-P", "prefork", "-c", "1", app=APP)
     wait_until(lambda: len(lines(broker, "start", "long")) == 2, 20, "the long task to rerun")
-    long.revoke(terminate=True)
+    second.kill_group()  # done: a warm stop would wait for the 30 s task
 
 
 def test_sigterm_remapped_to_sigquit_is_a_cold_shutdown(broker: Broker):
     broker.env["REMAP_SIGTERM"] = "SIGQUIT"
     worker = broker.worker("-P", "prefork", "-c", "1", app=APP)
-    result = send(broker, "sleeper", "remap", 30)
+    send(broker, "sleeper", "remap", 30)
     wait_until(lambda: started(broker, "remap"), 20, "the task to start")
     worker.signal(signal.SIGTERM)
     assert worker.wait_exit(20) == 0
     assert "cold shutdown" in worker.log()
     broker.env.pop("REMAP_SIGTERM")
-    broker.worker("-P", "prefork", "-c", "1", app=APP)
+    second = broker.worker("-P", "prefork", "-c", "1", app=APP)
     wait_until(lambda: len(lines(broker, "start", "remap")) == 2, 20, "the task to run again")
-    result.revoke(terminate=True)
+    second.kill_group()  # done: a warm stop would wait for the 30 s task
