@@ -1,0 +1,1 @@
+"""RabbitMQ broker and rpc:// result backend for kernel."""

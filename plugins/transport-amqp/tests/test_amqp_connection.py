@@ -1,0 +1,123 @@
+"""Connections: URL forms (``amqp://``, ``pyamqp://``, ``amqps://``), TLS verification,
+heartbeats, publisher confirms by default, and the plugin's registrations."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+
+import pytest
+from amqp_harness import Broker, TLSProxy, make_certificates
+
+from kernel import App
+from kernel.exceptions import ConfigurationError, PublishError
+from kernel.plugins.manager import PluginManager
+from kernel.testing.pytest_plugin import start_worker, stop_worker
+
+pytestmark = pytest.mark.integration
+
+
+def make_app(url: str, broker: Broker, delay_prefix: str, **options) -> App:
+    queue = broker.name("conn")
+    control = broker.name("control")
+    broker.track(exchange=f"{control}.pidbox")
+    broker.track(exchange=f"reply.{control}.pidbox")
+    return App(
+        "connection",
+        broker=url,
+        backend="rpc://",
+        task_default_queue=queue,
+        control_exchange=control,
+        broker_transport_options={"delayed_delivery_prefix": delay_prefix, **options},
+    )
+
+
+def run_one_task(app: App) -> None:
+    @app.task(name="connection.add")
+    def add(x, y):
+        return x + y
+
+    worker, thread = start_worker(app, pool="threads", concurrency=1)
+    try:
+        assert add.delay(2, 3).get(timeout=10) == 5
+    finally:
+        stop_worker(worker, thread)
+        if app._backend is not None:
+            app.close()
+
+
+def test_plugin_registers_broker_schemes_and_rpc_backend():
+    plugins = PluginManager().load()
+    for scheme in ("amqp", "pyamqp"):
+        assert plugins.transport_for_url(f"{scheme}://localhost").name == "amqp"
+    assert plugins.transport_for_url("amqps://localhost").name == "amqp-tls"
+    spec = plugins.transport_for_url("amqp://localhost")
+    assert {"priority", "fanout", "delayed_delivery", "redelivery_on_close"} <= spec.features
+    assert spec.default_options["confirm_publish"] is True
+    assert plugins.backend_for_url("rpc://").name == "rpc"
+
+
+def test_pyamqp_url_and_publisher_confirms_by_default(rabbitmq_url, broker, delay_prefix):
+    app = make_app(rabbitmq_url.replace("amqp://", "pyamqp://"), broker, delay_prefix)
+    with app.connection() as connection:
+        connection.ensure_connection(max_retries=0)
+        assert connection.connection.confirm_publish is True
+    run_one_task(app)
+    broker.track(queue=app.backend.reply_queue_name)
+
+
+def test_rpc_backend_needs_an_amqp_broker():
+    app = App("rpc-on-sqlite", broker="memory://", backend="rpc://")
+    with pytest.raises(ConfigurationError, match="needs|AMQP broker"):
+        app.backend  # noqa: B018 - building it is the test
+
+
+@pytest.fixture
+def tls_proxy(tmp_path) -> Iterator[tuple[TLSProxy, dict[str, str]]]:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    certificates = make_certificates(tmp_path / "tls")
+    proxy = TLSProxy(certificates["cert"], certificates["key"])
+    yield proxy, certificates
+    proxy.close()
+
+
+def test_amqps_verifies_the_server_and_runs_tasks_over_tls(tls_proxy, broker, delay_prefix):
+    proxy, certificates = tls_proxy
+    url = f"amqps://guest:guest@localhost:{proxy.port}//"
+    app = make_app(url, broker, delay_prefix, ssl={"ca_certs": certificates["ca"]})
+    run_one_task(app)
+    broker.track(queue=app.backend.reply_queue_name)
+
+
+def test_amqps_refuses_a_server_it_cannot_verify(tls_proxy, broker, delay_prefix):
+    proxy, _certificates = tls_proxy
+    app = make_app(f"amqps://guest:guest@localhost:{proxy.port}//", broker, delay_prefix)
+    app.conf.task_publish_retry = False
+    with pytest.raises(PublishError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        app.send_task("connection.add", (1, 1))
+    app.close()
+
+
+def test_heartbeats_keep_an_idle_worker_connected(rabbitmq_url, broker, delay_prefix, caplog):
+    """With ``heartbeat=1`` RabbitMQ drops a connection silent for about 2 s; the
+    worker's drain loop sends heartbeats, so an idle worker keeps its connection."""
+    app = make_app(rabbitmq_url, broker, delay_prefix, heartbeat=1)
+
+    @app.task(name="connection.add")
+    def add(x, y):
+        return x + y
+
+    with caplog.at_level(logging.WARNING, logger="kernel.worker.worker"):
+        worker, thread = start_worker(app, pool="threads", concurrency=1)
+        try:
+            assert worker._consumer.channel.connection.heartbeat == 1
+            time.sleep(3.5)  # idle past two heartbeat intervals: nothing must happen
+            assert add.delay(2, 3).get(timeout=10) == 5
+        finally:
+            stop_worker(worker, thread)
+    assert not [r for r in caplog.records if "connection lost" in r.getMessage()]
+    broker.track(queue=app.backend.reply_queue_name)
+    app.close()
