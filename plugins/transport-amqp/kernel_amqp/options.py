@@ -68,13 +68,30 @@ class QueueDefinition:
                 f"broker_transport_options['queues'] entry {value!r} is neither a kombu "
                 "Queue nor a dict with a 'name'"
             )
+        if getattr(value, "bindings", None):
+            raise ConfigurationError(
+                f"broker_transport_options['queues'] entry {value!r} has a bindings list; "
+                "this option binds a queue to one exchange. Put the Queue in the "
+                "task_queues setting instead: it is declared with all of its bindings."
+            )
+        from kombu.transport.base import to_rabbitmq_queue_arguments
+
         exchange = getattr(value, "exchange", None)
+        # The Queue's own attributes become the x-arguments kombu would declare it with.
+        arguments = to_rabbitmq_queue_arguments(
+            dict(getattr(value, "queue_arguments", None) or {}),
+            expires=getattr(value, "expires", None),
+            message_ttl=getattr(value, "message_ttl", None),
+            max_length=getattr(value, "max_length", None),
+            max_length_bytes=getattr(value, "max_length_bytes", None),
+            max_priority=getattr(value, "max_priority", None),
+        )
         return cls(
             name=str(name),
             exchange=(exchange.name or None) if exchange is not None else None,
             exchange_type=(exchange.type if exchange is not None else None) or "direct",
             routing_key=getattr(value, "routing_key", None) or None,
-            arguments=dict(getattr(value, "queue_arguments", None) or {}),
+            arguments=dict(arguments),
         )
 
 

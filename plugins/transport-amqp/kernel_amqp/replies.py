@@ -12,6 +12,7 @@ more messages than a worker holds at once.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 
@@ -37,6 +38,19 @@ def lookup(task_id: str) -> tuple[str, str | None] | None:
 
 
 def clear() -> None:
-    """Forget everything (after a fork: the parent's messages are not ours)."""
+    """Forget everything."""
     with _lock:
         _book.clear()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with an empty book: the parent's messages are not its
+    own. The lock is made anew, not taken: another thread of the parent may have held
+    it at the fork, and nobody in the child would ever release it."""
+    global _lock
+    _lock = threading.Lock()
+    _book.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)

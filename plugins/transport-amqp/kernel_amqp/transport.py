@@ -661,6 +661,8 @@ class Connection(pyamqp.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.kernel_options, kwargs = split_options(kwargs)
+        #: the ``ssl`` option as given; :meth:`connect` derives py-amqp's from it
+        self.ssl_option = kwargs.get("ssl")
         if kwargs.get("ssl"):
             kwargs["ssl"] = tls_options(kwargs["ssl"], str(kwargs.get("host") or ""))
         self.delay_topology_ready = False
@@ -671,6 +673,16 @@ class Connection(pyamqp.Connection):
         #: one-time declarations already made on this connection
         self.done: set[tuple] = set()
         super().__init__(*args, **kwargs)
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        # kombu sets ``client`` (its Connection) between __init__ and connect(), after
+        # turning a "localhost" host into "127.0.0.1": verify the name the URL wrote.
+        client = getattr(self, "client", None)
+        if self.ssl_option and client is not None:
+            self.ssl = tls_options(
+                self.ssl_option, str(self.host or ""), server_name=written_hostname(client)
+            )
+        return super().connect(*args, **kwargs)
 
     @property
     def server_key(self) -> tuple[str, str]:
@@ -696,13 +708,29 @@ class Connection(pyamqp.Connection):
         return (3, 3) <= (major, minor) < (4, 0)
 
 
-def tls_options(ssl_option: Any, host: str) -> dict[str, Any]:
+def written_hostname(client: Any) -> str | None:
+    """The broker host as the URL wrote it, from kombu's Connection ``client``.
+
+    kombu's py-amqp transport replaces a ``localhost`` host with ``127.0.0.1`` on the
+    Connection itself when it connects; the host given at construction
+    (``_initial_params``) still says ``localhost``.
+    """
+    host = getattr(client, "hostname", None)
+    if host == "127.0.0.1":
+        initial = getattr(client, "_initial_params", None) or {}
+        if initial.get("hostname") == "localhost":
+            return "localhost"
+    return host or None
+
+
+def tls_options(ssl_option: Any, host: str, server_name: str | None = None) -> dict[str, Any]:
     """py-amqp's ``ssl`` argument, verifying the server's name by default.
 
     py-amqp checks the server's certificate chain, but checks its name only when
     ``server_hostname`` is given; ``ssl=True`` alone would accept any certificate a
-    trusted authority signed, for any host. So the host of the broker URL is the
-    expected name unless the options say otherwise (or turn verification off with
+    trusted authority signed, for any host. So ``server_name`` (the host of the broker
+    URL as written), else the host of ``host`` (``name:port``), is the expected name
+    unless the options say otherwise (or turn verification off with
     ``cert_reqs=ssl.CERT_NONE``).
     """
     import ssl
@@ -711,7 +739,10 @@ def tls_options(ssl_option: Any, host: str) -> dict[str, Any]:
     if options.get("cert_reqs") == ssl.CERT_NONE or "context" in options:
         return options
     if options.get("server_hostname") is None:
-        options["server_hostname"] = host.rsplit(":", 1)[0].strip("[]") if host else None
+        if server_name:
+            options["server_hostname"] = server_name.strip("[]")
+        else:
+            options["server_hostname"] = host.rsplit(":", 1)[0].strip("[]") if host else None
     return options
 
 

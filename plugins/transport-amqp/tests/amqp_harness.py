@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import amqp
 import attrs
@@ -71,7 +72,12 @@ class Broker:
 
     def channel(self) -> Any:
         if self._connection is None or not self._connection.connected:
-            self._connection = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+            parts = urlsplit(self.url)
+            self._connection = amqp.Connection(
+                f"{parts.hostname}:{parts.port or 5672}",
+                userid=unquote(parts.username or "guest"),
+                password=unquote(parts.password or "guest"),
+            )
             self._connection.connect()
         return self._connection.channel()
 
@@ -127,6 +133,46 @@ class Broker:
             channel.exchange_delete(delayed.level_name(level, prefix))
         channel.exchange_delete(delayed.delivery_exchange(prefix))
         channel.close()
+
+    def delete_unused_delay_topology(self, prefix: str | None, own: list[str]) -> None:
+        """Delete a delay topology that others may share (Celery's unprefixed one) as
+        far as nobody else uses it. First the queues and exchanges named ``own`` (ours,
+        bound to it), then the delivery exchange and the levels upwards (level ``n`` is
+        bound to ``n - 1``): a queue only if empty, an exchange only if
+        nothing is bound to it; what somebody else uses stays."""
+        from kernel_amqp import delayed
+
+        def attempt(operation: Callable[[Any], Any]) -> None:
+            channel = self.channel()
+            try:
+                operation(channel)
+            except (amqp.exceptions.PreconditionFailed, amqp.NotFound):
+                pass  # in use by somebody else, or gone: the broker closed the channel
+            finally:
+                if channel.is_open:
+                    channel.close()
+
+        for name in own:
+            attempt(lambda channel, name=name: channel.queue_delete(name))
+            attempt(lambda channel, name=name: channel.exchange_delete(name))
+        delivery = delayed.delivery_exchange(prefix)
+        attempt(lambda channel: channel.exchange_delete(delivery, if_unused=True))
+        for level in range(delayed.BITS):
+            name = delayed.level_name(level, prefix)
+            attempt(
+                # RabbitMQ 3.10's quorum queues refuse if_empty/if_unused: look first
+                lambda channel, name=name: self._delete_if_idle(channel, name)
+            )
+            attempt(lambda channel, name=name: channel.exchange_delete(name, if_unused=True))
+
+    @staticmethod
+    def _delete_if_idle(channel: Any, queue: str) -> None:
+        try:
+            declared = channel.queue_declare(queue, passive=True)
+        except amqp.NotFound:
+            return
+        if declared.message_count == 0 and declared.consumer_count == 0:
+            channel.queue_delete(queue)
 
     def close(self) -> None:
         try:
@@ -357,9 +403,10 @@ class Cluster:
         self.app.close()
 
 
-def make_certificates(directory: Path) -> dict[str, str]:
-    """A throw-away CA and a server certificate for ``localhost`` and ``127.0.0.1``,
-    made with the ``openssl`` command; paths by role (``ca``, ``cert``, ``key``)."""
+def make_certificates(directory: Path, ip_address: bool = True) -> dict[str, str]:
+    """A throw-away CA and a server certificate for ``localhost`` and ``127.0.0.1``
+    (for ``localhost`` only with ``ip_address=False``), made with the ``openssl``
+    command; paths by role (``ca``, ``cert``, ``key``)."""
     directory.mkdir(parents=True, exist_ok=True)
 
     def openssl(*args: str) -> None:
@@ -394,7 +441,8 @@ def make_certificates(directory: Path) -> dict[str, str]:
         "-subj",
         "/CN=localhost",
     )
-    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    names = "DNS:localhost,IP:127.0.0.1" if ip_address else "DNS:localhost"
+    (directory / "san.ext").write_text(f"subjectAltName={names}\n")
     openssl(
         "x509",
         "-req",

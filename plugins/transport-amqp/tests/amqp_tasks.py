@@ -51,10 +51,12 @@ def fail(message):
 
 @app.task
 def count(token, seconds=0.0):
-    """One ``run`` per execution (what the exactly-once tests count)."""
+    """One ``run`` per execution (what the exactly-once tests count), then ``end``
+    once its work is done."""
     record("run", token)
     if seconds:
         time.sleep(seconds)
+    record("end", token)
     return token
 
 
@@ -72,6 +74,20 @@ def slow(self, token, seconds):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.05)
+    record("end", token)
+    return token
+
+
+@app.task(bind=True)
+def hold(self, token, release_path, timeout=60.0):
+    """``start``, then wait until ``release_path`` exists (the test creates it), then
+    ``end``: a run that is killed first never ends. Fails after ``timeout``."""
+    record("start", token, delivery_count=self.request.delivery_count)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(release_path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release_path} was not created within {timeout}s")
+        time.sleep(0.02)
     record("end", token)
     return token
 

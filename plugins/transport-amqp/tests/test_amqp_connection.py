@@ -92,6 +92,35 @@ def test_amqps_verifies_the_server_and_runs_tasks_over_tls(tls_proxy, broker, de
     broker.track(queue=app.backend.reply_queue_name)
 
 
+def test_amqps_localhost_verifies_a_certificate_for_the_dns_name_only(
+    tmp_path, broker, delay_prefix
+):
+    """kombu connects to ``localhost`` as ``127.0.0.1``; the name checked is still the
+    URL's ``localhost``, so a certificate without ``IP:127.0.0.1`` is accepted."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    certificates = make_certificates(tmp_path / "tls-dns", ip_address=False)
+    proxy = TLSProxy(certificates["cert"], certificates["key"])
+    try:
+        url = f"amqps://guest:guest@localhost:{proxy.port}//"
+        app = make_app(url, broker, delay_prefix, ssl={"ca_certs": certificates["ca"]})
+        run_one_task(app)
+        broker.track(queue=app.backend.reply_queue_name)
+        # The same certificate does not pass for a URL that names the address.
+        other = make_app(
+            f"amqps://guest:guest@127.0.0.1:{proxy.port}//",
+            broker,
+            delay_prefix,
+            ssl={"ca_certs": certificates["ca"]},
+        )
+        other.conf.task_publish_retry = False
+        with pytest.raises(PublishError, match="IP address mismatch|verify failed"):
+            other.send_task("connection.add", (1, 1))
+        other.close()
+    finally:
+        proxy.close()
+
+
 def test_amqps_refuses_a_server_it_cannot_verify(tls_proxy, broker, delay_prefix):
     proxy, _certificates = tls_proxy
     app = make_app(f"amqps://guest:guest@localhost:{proxy.port}//", broker, delay_prefix)

@@ -84,7 +84,9 @@ class TestRpcBackend(BackendContract):
         return PluginManager().load()
 
     @pytest.fixture(autouse=True)
-    def _delete_reply_queues(self, broker) -> Iterator[None]:
+    def _delete_reply_queues(self, broker, rabbitmq_url) -> Iterator[None]:
+        #: the broker of the apps make_app() builds (the contract calls it directly)
+        self.broker_url = rabbitmq_url
         yield
         while self.made:
             backend = self.made.pop()._backend
@@ -115,7 +117,7 @@ class TestRpcBackend(BackendContract):
 
         app = App(
             "rpc-contract",
-            broker="amqp://guest:guest@127.0.0.1:5672//",
+            broker=self.broker_url,
             backend=backend_url,
             plugins=plugins,
             **settings,

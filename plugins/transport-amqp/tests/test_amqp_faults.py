@@ -102,10 +102,15 @@ def test_rabbitmq_restarted_under_load_loses_no_task_and_workers_resume(
     first_run: dict[str, float] = {}
     for event in cluster.records.events("run"):
         first_run.setdefault(event.token, event.at)
+    ended_before_stop = {
+        event.token for event in cluster.records.events("end") if event.at < down_at
+    }
     # At least once: a task may run again only if it was running when the broker went
     # away (its ack was lost), or if its send was retried: a publish whose confirm was
-    # lost with the connection is sent again, and both copies may exist.
-    in_flight = {token for token, at in first_run.items() if at < back_at}
+    # lost with the connection is sent again, and both copies may exist. "Running"
+    # means: started before the broker was back, and not finished before it was
+    # stopped (a task that ended before down_at was acknowledged on a live connection).
+    in_flight = {token for token, at in first_run.items() if at < back_at} - ended_before_stop
     retried_ids = {
         match
         for record in caplog.records

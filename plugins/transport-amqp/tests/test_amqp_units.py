@@ -3,13 +3,14 @@ delivery counts, options and TLS defaults."""
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 
 import pytest
 from kernel_amqp import counting, delayed, queues
 from kernel_amqp.options import AmqpOptions, split_options
-from kernel_amqp.transport import tls_options
+from kernel_amqp.transport import tls_options, written_hostname
 from kombu import Exchange, Queue
 
 from kernel.exceptions import ConfigurationError
@@ -244,6 +245,39 @@ def test_options_are_split_from_py_amqp_ones_and_checked():
         AmqpOptions(queues=[{"exchange": "x"}])
 
 
+def test_queues_option_keeps_a_kombu_queues_attributes_as_arguments():
+    video = Queue(
+        "video",
+        Exchange("media", "topic"),
+        routing_key="media.video.#",
+        max_priority=5,
+        expires=10,
+        message_ttl=1.5,
+        max_length=3,
+        queue_arguments={"x-overflow": "reject-publish"},
+    )
+    (definition,) = AmqpOptions(queues=[video]).queues
+    assert (definition.exchange, definition.exchange_type) == ("media", "topic")
+    assert definition.arguments == {
+        "x-overflow": "reject-publish",
+        "x-max-priority": 5,
+        "x-expires": 10_000,
+        "x-message-ttl": 1500,
+        "x-max-length": 3,
+    }
+    declared = queues.plan(AmqpOptions(queues=[video]), "video", True, False, False, None)
+    assert declared.arguments["x-message-ttl"] == 1500
+    assert declared.arguments["x-max-priority"] == 5
+
+
+def test_queues_option_refuses_a_queue_with_several_bindings():
+    from kombu import binding
+
+    both = Queue("both", bindings=[binding(Exchange("a"), "a"), binding(Exchange("b"), "b")])
+    with pytest.raises(ConfigurationError, match="task_queues"):
+        AmqpOptions(queues=[both])
+
+
 def test_tls_checks_the_server_name_unless_told_not_to_verify():
     assert tls_options(True, "broker.example.com:5671") == {"server_hostname": "broker.example.com"}
     assert tls_options({"ca_certs": "ca.pem"}, "10.0.0.1:5671") == {
@@ -289,3 +323,45 @@ def test_rpc_subtasks_inherit_the_reply_queue_only_as_canvas_steps():
     assert not is_canvas_step(chained, {"id": "c", "task": "inner"})
     linked = SimpleNamespace(callbacks=[{"task": "cb", "options": {}}], errbacks=[], chain=[])
     assert is_canvas_step(linked, {"id": "d", "task": "cb"})
+
+
+# -- reply addresses ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_reply_book_is_empty_in_a_forked_child():
+    from kernel_amqp import replies
+
+    replies.remember("task-in-parent", "reply-queue", "corr")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it sees, then leave without cleanup
+        try:
+            seen = replies.lookup("task-in-parent")
+            replies.remember("task-in-child", "q", None)  # the lock works in the child
+            os.write(write_end, repr((seen, replies.lookup("task-in-child"))).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as stream:
+            child_saw = stream.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert child_saw == repr((None, ("q", None)))
+        assert replies.lookup("task-in-parent") == ("reply-queue", "corr")  # parent keeps it
+    finally:
+        replies.clear()
+
+
+def test_tls_name_is_the_host_the_url_wrote_not_kombus_rewrite():
+    from kombu import Connection
+
+    client = Connection("amqps://guest:guest@localhost:5671//")
+    assert written_hostname(client) == "localhost"
+    client.hostname = "127.0.0.1"  # what kombu's py-amqp transport does on connect
+    assert written_hostname(client) == "localhost"
+    assert written_hostname(Connection("amqps://127.0.0.1:5671//")) == "127.0.0.1"
+    assert tls_options(True, "127.0.0.1:5671", server_name="localhost") == {
+        "server_hostname": "localhost"
+    }

@@ -88,12 +88,16 @@ def test_killed_worker_task_is_redelivered_once_at_once(make_cluster, request):
     wait for. The kernel did not see the death: the count stays (the quorum queue's
     delivery limit counts it)."""
     cluster = make_cluster(options={"queue_type": "quorum"})
+    release = cluster.tmp_path / "release-crash"
     first = cluster.worker("-P", "prefork", "-c", "1")
-    result = cluster.app.send_task("amqp_tasks.slow", ("crash", 6.0))  # outlasts a start
+    # The task waits for the release file: the first run lasts until it is killed.
+    result = cluster.app.send_task("amqp_tasks.hold", ("crash", str(release)))
     wait_until(lambda: cluster.records.counts("start"), 15, "the task to start")
     second = cluster.worker("-P", "prefork", "-c", "1")
     killed_at = time.time()
     first.kill_group()
+    wait_until(lambda: cluster.records.counts("start")["crash"] == 2, 30, "the task to start again")
+    release.touch()
     assert result.get(timeout=30) == "crash"
     first_run, rerun = cluster.records.events("start", "crash")
     assert rerun.pid != first_run.pid
