@@ -158,7 +158,11 @@ class Side:
 
     def close(self) -> None:
         for process in self.processes:
-            process.stop()
+            if process.name.startswith("celery"):
+                # The tests are over: its warm stop waits for what it still holds (on a
+                # quorum queue 15-20 s), for nothing.
+                process.kill_group()
+            process.stop()  # kernel workers stop warm: they delete their reply queues
         for client in self.clients:
             backend = getattr(client, "_backend", None)
             if backend is not None and hasattr(backend, "reply_queue_name"):
