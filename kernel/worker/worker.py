@@ -1135,8 +1135,12 @@ class Worker(BrokerLink):
         self._ack(message)
 
     def _queue_of(self, message: Any) -> str | None:
-        """The queue ``message`` was consumed from, by its consumer tag; None if unknown."""
-        tag = (message.delivery_info or {}).get("consumer_tag")
+        """The queue ``message`` was consumed from: ``delivery_info["queue"]`` when the
+        transport sets it, else found by its consumer tag; None if unknown."""
+        info = message.delivery_info or {}
+        if info.get("queue"):
+            return str(info["queue"])
+        tag = info.get("consumer_tag")
         active = getattr(self._consumer, "_active_tags", None) or {}
         for queue, consumer_tag in active.items():
             if consumer_tag == tag:

@@ -27,8 +27,8 @@ What this module adds to kombu's channel, and why:
   bindings (:class:`DelayRoutes`). Each durable shared queue bound to a direct or topic
   exchange through this transport, with a key free of wildcards, is also bound to the
   delivery exchange, so the message comes back to it when due.
-- **Requeued copies**: a copy of a received message the worker publishes to return
-  it goes to the queue it was consumed from only (:meth:`Channel._requeue_target`).
+- **Requeued copies**: a received message's ``delivery_info["queue"]`` names the
+  queue it was consumed from, so the worker returns a copy to that queue only.
 - **QoS**: a channel's prefetch is shared by its consumers (global QoS) when every
   queue it consumes is classic. The worker can then widen its window at run time;
   RabbitMQ applies a per-consumer prefetch only to consumers created afterwards.
@@ -49,7 +49,7 @@ import amqp
 from amqp.exceptions import MessageNacked
 from kombu.transport import pyamqp
 
-from kernel.protocol import DELIVER_AT_HEADER, DELIVERY_COUNT_HEADER
+from kernel.protocol import DELIVER_AT_HEADER
 from kernel_amqp import counting, delayed, queues, replies
 from kernel_amqp.options import AmqpOptions, split_options
 
@@ -157,13 +157,6 @@ class DelayRoutes:
 delay_routes = DelayRoutes()
 
 
-#: Header naming the queue a received message was consumed from (see
-#: :meth:`Channel._requeue_target`); never published.
-CONSUMED_FROM_HEADER = "x-kernel-consumed-from"
-#: The kernel worker's header on messages it dead-letters (they keep their headers).
-DEAD_LETTER_REASON_HEADER = "x-dead-letter-reason"
-
-
 class Message(pyamqp.Message):
     """A received message: delivery count merged (see :mod:`kernel_amqp.counting`),
     and the reply address of a task message noted for rpc:// (:mod:`kernel_amqp.replies`)."""
@@ -172,14 +165,12 @@ class Message(pyamqp.Message):
         super().__init__(msg, channel=channel, **kwargs)
         headers = self.headers
         counting.on_receive(headers)
-        headers.pop(CONSUMED_FROM_HEADER, None)
         queue = getattr(channel, "consumer_queues", {}).get(
             (self.delivery_info or {}).get("consumer_tag")
         )
         if queue:
-            # The queue this message came from: the worker's requeue copies the headers
-            # into the copy it publishes, which then goes back to this queue only.
-            headers[CONSUMED_FROM_HEADER] = queue
+            # The queue this message came from: the worker returns a requeued copy
+            # to this queue only, through the default exchange.
             self.delivery_info["queue"] = queue
         reply_to = self.properties.get("reply_to")
         if reply_to and isinstance(headers.get("id"), str) and headers.get("task"):
@@ -499,7 +490,6 @@ class Channel(pyamqp.Channel):
         deliver_at = None
         if headers:
             headers = dict(headers)  # the caller's dict stays as it was
-            exchange, routing_key = self._requeue_target(headers, exchange, routing_key)
             counting.on_publish(headers)
             msg.properties["application_headers"] = headers
             deliver_at = headers.get(DELIVER_AT_HEADER)
@@ -510,23 +500,6 @@ class Channel(pyamqp.Channel):
         return super()._basic_publish(msg, exchange, routing_key, *args, **kwargs)
 
     basic_publish = _basic_publish
-
-    @staticmethod
-    def _requeue_target(headers: dict, exchange: str, routing_key: str) -> tuple[str, str]:
-        """Where a message goes; a copy of a received message that the worker returns
-        to its queue (it carries :data:`CONSUMED_FROM_HEADER` and a delivery count)
-        goes to that queue only, through the default exchange: republished to its
-        exchange, it would reach every queue bound there (fanout, overlapping topic
-        patterns). The header is removed in any case."""
-        queue = headers.pop(CONSUMED_FROM_HEADER, None)
-        if (
-            isinstance(queue, str)
-            and queue
-            and DELIVERY_COUNT_HEADER in headers
-            and DEAD_LETTER_REASON_HEADER not in headers
-        ):
-            return "", queue
-        return exchange, routing_key
 
     def basic_publish_confirm(self, msg: Any, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("confirm_timeout") is None:
