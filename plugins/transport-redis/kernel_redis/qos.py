@@ -20,9 +20,6 @@ from typing import Any
 from kombu.transport import virtual
 from kombu.transport.redis import QoS as KombuRedisQoS
 
-from kernel_redis import scripts
-from kernel_redis.messages import stored_delivery
-
 logger = logging.getLogger(__name__)
 
 
@@ -32,11 +29,7 @@ class QoS(KombuRedisQoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         channel = self.channel
         if not channel.was_taken(delivery_tag):  # TAKE records most deliveries itself
-            channel.run_script(
-                scripts.HOLD,
-                [channel.full_key(self.unacked_key), channel.full_key(self.unacked_index_key)],
-                [delivery_tag, stored_delivery(message._raw)],
-            )
+            channel.hold(delivery_tag, message._raw)
         virtual.QoS.append(self, message, delivery_tag)
         channel.keep_leases()
 

@@ -378,11 +378,7 @@ class LeasedChannel:
         if queue in self._no_ack_queues or not isinstance(tag, str):
             return
         try:
-            self.run_script(
-                scripts.HOLD,
-                [self.full_key(self.unacked_key), self.full_key(self.unacked_index_key)],
-                [tag, messages.stored_delivery(message)],
-            )
+            self.hold(tag, message)
         except self.connection_errors as exc:
             self._unheld.append((self.full_key(key), item))
             logger.warning(
@@ -393,6 +389,14 @@ class LeasedChannel:
             )
             raise
         self._taken.add(tag)
+
+    def hold(self, delivery_tag: str, message: dict) -> None:
+        """Record a delivery taken without TAKE: payload in ``unacked``, lease scored."""
+        self.run_script(
+            scripts.HOLD,
+            [self.full_key(self.unacked_key), self.full_key(self.unacked_index_key)],
+            [delivery_tag, messages.stored_delivery(message)],
+        )
 
     def _put_back_unheld(self) -> None:
         """Return popped messages that were never recorded (see ``_hold_popped``)."""
