@@ -118,15 +118,3 @@ def workers() -> Iterator[Callable[..., Any]]:
     yield start
     for worker, thread in started:
         stop_worker(worker, thread)
-
-
-def recorder(app: App) -> tuple[list[tuple[str, Any]], Any]:
-    """A task ``routing.note(value)`` that records (worker hostname, value)."""
-    seen: list[tuple[str, Any]] = []
-
-    @app.task(name="routing.note", bind=True)
-    def note(self, value):
-        seen.append((self.request.hostname, value))
-        return value
-
-    return seen, note

@@ -6,15 +6,28 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import pytest
 from amqp_harness import wait_until
-from conftest import recorder
 from kombu import Exchange, Queue
 
+from kernel import App
 from kernel.exceptions import TaskRevokedError
 
 pytestmark = pytest.mark.integration
+
+
+def recorder(app: App) -> tuple[list[tuple[str, Any]], Any]:
+    """A task ``routing.note(value)`` that records (worker hostname, value)."""
+    seen: list[tuple[str, Any]] = []
+
+    @app.task(name="routing.note", bind=True)
+    def note(self, value):
+        seen.append((self.request.hostname, value))
+        return value
+
+    return seen, note
 
 
 def test_direct_routes_by_queue_and_workers_consume_only_their_queues(make_app, workers, broker):
