@@ -265,10 +265,7 @@ class App:
         connection = Connection(
             url,
             transport=transport,
-            transport_options={
-                **spec.default_options,
-                **(self.conf.broker_transport_options or {}),
-            },
+            transport_options=self._transport_options(spec),
             connect_timeout=self.conf.broker_connection_timeout,
             ssl=self.conf.broker_use_ssl or False,
         )
@@ -276,6 +273,23 @@ class App:
         # its own transport; keep the plugin's.
         connection.transport_cls = transport
         return connection
+
+    def _transport_options(self, spec: Any) -> dict[str, Any]:
+        """The options a transport is built with: its defaults, then the kernel
+        settings it asks for (``TransportSpec.setting_options``), then the user's
+        ``broker_transport_options``."""
+        options = dict(spec.default_options)
+        for option, setting_name in spec.setting_options.items():
+            try:
+                options[option] = getattr(self.conf, setting_name)
+            except AttributeError:
+                raise ConfigurationError(
+                    f"transport plugin {spec.name!r} asks for setting {setting_name!r} "
+                    f"(as its option {option!r}), which the kernel does not have; the "
+                    "plugin needs an update for this kernel version"
+                ) from None
+        options.update(self.conf.broker_transport_options or {})
+        return options
 
     def broker_features(self) -> frozenset[str]:
         return self.plugins.transport_for_url(self.conf.broker_url).features

@@ -5,16 +5,33 @@ Every message says what failed, with the offending value, and what to do about i
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-# Time limits and termination are billiard's classes, as in Celery, so a stored failure
-# names the same exception type whichever side of a Celery/kernel pair ran the task.
-from billiard.exceptions import (  # noqa: F401 - re-exported
-    SoftTimeLimitExceeded,
-    Terminated,
-    TimeLimitExceeded,
-)
-from kombu.exceptions import OperationalError
+# This module is imported by the plugin manager, which the ``kernel`` command loads
+# before a pool's monkey-patching (gevent) runs: it must not import kombu, py-amqp or
+# ssl. The names below are imported on first use.
+#: Time limits and termination are billiard's classes, as in Celery, so a stored
+#: failure names the same exception type whichever side of a Celery/kernel pair ran
+#: the task. The broker errors need kombu.
+_LAZY = {
+    "SoftTimeLimitExceeded": "billiard.exceptions",
+    "Terminated": "billiard.exceptions",
+    "TimeLimitExceeded": "billiard.exceptions",
+    "PublishError": "kernel.broker_errors",
+    "BrokerConnectionError": "kernel.broker_errors",
+    "broker_connection_errors": "kernel.broker_errors",
+    "describe_broker_error": "kernel.broker_errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kernel.exceptions' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 class KernelError(Exception):
@@ -74,45 +91,6 @@ class WorkerLostError(KernelError):
 
 class TaskRevokedError(KernelError):
     """The task was revoked and did not run to completion."""
-
-
-class PublishError(KernelError, OperationalError):
-    """A task message could not be sent to the broker, so the task was not queued.
-
-    Raised by ``apply_async``/``send_task`` once ``task_publish_retry_policy`` is used
-    up (or at the first failure with ``retry=False``); the message names the broker,
-    the number of attempts and the cause, which is also the ``__cause__``. It is a
-    ``kombu.exceptions.OperationalError`` too, which is what Celery code catches.
-    """
-
-    def __init__(self, message: str, *, task_id: str | None = None, attempts: int = 0) -> None:
-        super().__init__(message)
-        self.task_id = task_id
-        self.attempts = attempts
-
-
-class BrokerConnectionError(KernelError):
-    """A worker could not connect, or reconnect, to its broker and gave up.
-
-    See ``broker_connection_retry``, ``broker_connection_retry_on_startup`` and
-    ``broker_connection_max_retries``.
-    """
-
-
-def broker_connection_errors(connection: Any) -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "the broker is unreachable or went away" for a kombu
-    ``connection``: its transport's ``connection_errors``, kombu's ``OperationalError``
-    (what ``ensure_connection`` raises) and the built-in ``ConnectionError``."""
-    errors = (*connection.connection_errors, OperationalError, ConnectionError)
-    return tuple(dict.fromkeys(errors))
-
-
-def describe_broker_error(exc: BaseException) -> str:
-    """``Type: message`` of a connection error, looking through kombu's wrapping
-    (``OperationalError`` from ``ensure_connection``) to the transport's own error."""
-    cause = exc.__cause__ if type(exc) is OperationalError else None
-    shown = cause if cause is not None else exc
-    return f"{type(shown).__name__}: {shown}"
 
 
 class ChordError(KernelError):

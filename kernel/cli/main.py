@@ -128,6 +128,42 @@ def _register_commands() -> None:
             cli.add_command(command)
 
 
+def scan_pool_option(argv: Sequence[str]) -> str | None:
+    """The pool a ``kernel worker`` line names with ``-P``/``--pool``, if any."""
+    args = list(argv)
+    if "worker" not in args:
+        return None
+    pool = None
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg in ("-P", "--pool"):
+            pool = args[index + 1] if index + 1 < len(args) else None
+        elif arg.startswith("--pool="):
+            pool = arg.partition("=")[2]
+        elif arg.startswith("-P") and not arg.startswith("--"):
+            pool = arg[2:]
+    return pool or None
+
+
+def _patch_early(args: Sequence[str], manager: PluginManager) -> None:
+    """Run the monkey-patching of the pool named with -P (gevent) now, before click
+    imports the commands and they import kombu, the transports and the app: patching
+    after sockets, ssl and locks are in use breaks them. Nothing but the plugin
+    manager has been imported yet. An unknown pool is left to the worker command,
+    which says so."""
+    from kernel.exceptions import KernelError
+
+    pool = scan_pool_option(args)
+    if not pool:
+        return
+    try:
+        spec = manager.pool(pool)
+    except KernelError:
+        return
+    spec.patch_early()
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """Console script ``kernel``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -138,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     manager = PluginManager().load(plugins=plugins, blocked=blocked)
     set_default_manager(manager)
     KernelGroup.manager = manager
+    _patch_early(args, manager)
     _register_commands()
     from kernel.exceptions import KernelError
 

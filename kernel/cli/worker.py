@@ -161,14 +161,13 @@ def _early_patch(pool: str) -> None:
     """
     from kernel.cli.main import KernelGroup
     from kernel.exceptions import KernelError
-    from kernel.plugins.specs import resolve
 
     try:
         spec = KernelGroup.manager.pool(pool) if KernelGroup.manager else None
     except KernelError as exc:
         raise click.BadParameter(str(exc), param_hint="-P/--pool") from exc
-    if spec is not None and spec.early_patch is not None:
-        resolve(spec.early_patch)()
+    if spec is not None:
+        spec.patch_early()  # done already by kernel.cli.main, unless main was bypassed
 
 
 COMMANDS = [worker]

@@ -50,6 +50,12 @@ class TransportSpec:
     (holds messages until a not-before time), ``priority``, ``fanout``,
     ``delivery_count`` (sets the ``x-delivery-count`` header on redelivery),
     ``cross_process`` (several processes may share it).
+
+    ``default_options`` are transport options used unless ``broker_transport_options``
+    sets them. ``setting_options`` maps a transport option name to the name of a
+    kernel setting whose value the app passes as that option (again unless
+    ``broker_transport_options`` sets it): how a transport learns settings such as
+    ``task_dead_letter_queue`` without reading the app.
     """
 
     name: str
@@ -57,6 +63,7 @@ class TransportSpec:
     kombu_transport: Any
     features: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     default_options: dict[str, Any] = attrs.field(factory=dict)
+    setting_options: dict[str, str] = attrs.field(factory=dict)
 
     def load(self) -> Any:
         return resolve(self.kombu_transport)
@@ -126,6 +133,19 @@ class PoolSpec:
 
     def load(self) -> Callable[..., Any]:
         return resolve(self.factory)
+
+    def patch_early(self) -> bool:
+        """Run ``early_patch`` once per process; True if it has run (now or before)."""
+        if self.early_patch is None:
+            return False
+        if self.name not in _EARLY_PATCHED:
+            resolve(self.early_patch)()
+            _EARLY_PATCHED.add(self.name)
+        return True
+
+
+#: Pools whose ``early_patch`` ran in this process.
+_EARLY_PATCHED: set[str] = set()
 
 
 @attrs.frozen
