@@ -104,6 +104,12 @@ def resolve_route(
     conf = app.conf
     queue = route.get("queue") or conf.task_default_queue
     route["queue"] = queue
+    if route.get("exchange") == "":
+        # The default exchange, named explicitly (a retry of a message that came
+        # through it, a Celery-style route): straight to the queue its key names.
+        route["exchange_type"] = "direct"
+        if not route.get("routing_key"):
+            route["routing_key"] = queue
     configured = app.configured_queue(queue)
     if configured is not None:  # a Queue object of task_queues: its binding
         route.setdefault("exchange", configured.exchange.name)
@@ -114,7 +120,7 @@ def resolve_route(
     route.setdefault(
         "routing_key", (conf.task_default_routing_key if is_default else None) or queue
     )
-    if route.get("exchange") in (None, ""):
+    if route.get("exchange") is None:
         route["exchange"] = queue
     if route.get("routing_key") in (None, ""):
         route["routing_key"] = queue

@@ -321,3 +321,35 @@ def test_default_queue_type_and_max_priority_reach_the_queues_declared_by_name(k
 def test_unknown_queue_type_is_refused():
     with pytest.raises(ValueError, match="task_default_queue_type"):
         App("q", broker="memory://", backend=None, task_default_queue_type="stream")
+
+
+def test_an_explicit_default_exchange_goes_straight_to_the_queue():
+    """A retry of a message that came through the default exchange (a requeued copy, a
+    Celery client's direct send) must not go to an exchange named after its queue."""
+    from kombu import Exchange, Queue
+
+    from kernel import App
+    from kernel.routing import resolve_route
+
+    app = App(
+        "default-exchange",
+        broker="memory://",
+        task_queues=[Queue("video", Exchange("media", "topic"), routing_key="media.video.#")],
+    )
+    route = resolve_route(
+        app, "t", (), {}, {"exchange": "", "routing_key": "video", "queue": "video"}
+    )
+    assert (route["exchange"], route["routing_key"], route["exchange_type"]) == (
+        "",
+        "video",
+        "direct",
+    )
+    route = resolve_route(app, "t", (), {}, {"exchange": "", "queue": "video"})
+    assert (route["exchange"], route["routing_key"]) == ("", "video")
+    # without an explicit exchange the configured binding still applies
+    route = resolve_route(app, "t", (), {}, {"queue": "video"})
+    assert (route["exchange"], route["routing_key"], route["exchange_type"]) == (
+        "media",
+        "media.video.#",
+        "topic",
+    )
