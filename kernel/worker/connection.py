@@ -50,6 +50,8 @@ class BrokerLink:
 
     def _init_broker_state(self) -> None:
         self._broker_errors: tuple[type[BaseException], ...] = (OperationalError, ConnectionError)
+        #: Channel errors survived as a lost connection (see ``_channel_lost``).
+        self._channel_errors: tuple[type[BaseException], ...] = ()
         self._broker_down = False  # lost and not yet reconnected: nothing is received
         self._outage_since: float | None = None  # until consuming works again
         self._reconnect_failures = 0  # failed reconnection attempts in a row
@@ -144,6 +146,32 @@ class BrokerLink:
             self._reconnect_failures += 1
             log.debug("broker connection failed again: %s", _describe(exc))
         self._reconnect_at = now + self._reconnect_backoff(self._reconnect_failures)
+
+    def _channel_lost(self, connection: Any, exc: BaseException) -> None:
+        """The broker closed the consumer's channel (an AMQP channel error: a delivery
+        unacknowledged past RabbitMQ's ``consumer_timeout``, an unknown delivery tag)
+        and took back its unacknowledged messages, those of running tasks included.
+        py-amqp reopens such a channel in place, where the old delivery tags mean
+        nothing, so the worker drops the whole connection and recovers as from a lost
+        one: running tasks finish without acknowledging, and the broker delivers their
+        messages again (at least once)."""
+        timed_out = "timed out" in str(exc) or "consumer_timeout" in str(exc)
+        log.warning(
+            "the broker closed the worker's channel: %s; its unacknowledged messages went "
+            "back to the queue and are delivered again (%d running task(s) may run "
+            "twice). Reconnecting.%s",
+            _describe(exc),
+            len(self._inflight),
+            " A task ran past RabbitMQ's consumer_timeout: raise it (see 'Acknowledged "
+            "after the task' in docs/amqp.md)"
+            if timed_out
+            else "",
+        )
+        try:
+            connection.collect()
+        except Exception:
+            log.debug("dropping the connection after a channel error failed", exc_info=True)
+        self._connection_lost(exc)
 
     def _reconnect(self, connection: Any) -> None:
         """Wait for the next attempt (settling finished tasks), then reconnect and revive

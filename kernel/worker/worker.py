@@ -381,6 +381,10 @@ class Worker(BrokerLink):
         self.pool.start()
         connection = self.app.connection()
         self._broker_errors = broker_connection_errors(connection)
+        if "redelivery_on_close" in self.app.broker_features():
+            # A broker that takes back a closed channel's messages (AMQP) may close the
+            # consumer's channel on its own: survived like a lost connection.
+            self._channel_errors = tuple(connection.channel_errors)
         try:
             connected = self._connect(connection)
         except BaseException:
@@ -483,6 +487,8 @@ class Worker(BrokerLink):
                     self._step(connection)
                 except self._broker_errors as exc:
                     self._connection_lost(exc)
+                except self._channel_errors as exc:
+                    self._channel_lost(connection, exc)
             if time.monotonic() >= self._next_control_poll:
                 self._poll_control()
 
@@ -611,8 +617,14 @@ class Worker(BrokerLink):
     def _keep_heartbeats(connection: Any) -> None:
         """With AMQP heartbeats on, the broker drops a connection that neither sends nor
         reads for twice the interval: while every slot is busy, read what arrived (the
-        prefetch window is full, so mostly heartbeats) and send ours when due."""
-        if not getattr(connection, "heartbeat", None):
+        prefetch window is full, so mostly heartbeats) and send ours when due. The
+        interval is the one negotiated with the broker (set through the transport's
+        ``heartbeat`` option, which kombu's own ``Connection.heartbeat`` does not show)."""
+        try:
+            interval = connection.get_heartbeat_interval()
+        except Exception:  # a transport without heartbeats
+            interval = 0
+        if not interval:
             return
         try:
             connection.drain_events(timeout=0)
@@ -1069,12 +1081,13 @@ class Worker(BrokerLink):
         self._requeue(message, decoded, reason)
 
     def _on_hard_time_limit(self, message: Any, decoded: DecodedTask, error: BaseException) -> None:
-        """The task ran past its hard limit and its process was killed: it failed."""
+        """The task ran past its hard limit and the pool stopped it (prefork kills and
+        replaces its process; gevent stops its greenlet): it failed."""
         task = self.app.tasks[decoded.name]
         limit = error.args[0] if error.args else None
         exc = TimeLimitExceeded(limit)
         log.error(
-            "task %s[%s]: hard time limit (%ss) exceeded; its process was killed and replaced",
+            "task %s[%s]: hard time limit (%ss) exceeded; the pool stopped it",
             decoded.name,
             decoded.id,
             limit,

@@ -600,6 +600,10 @@ class HeartbeatConnection:
         self.heartbeat = heartbeat
         self.calls: list[str] = []
 
+    def get_heartbeat_interval(self) -> float:
+        """kombu's Connection: the interval negotiated with the broker."""
+        return self.heartbeat
+
     def drain_events(self, timeout: float | None = None) -> None:
         self.calls.append(f"drain {timeout}")
         raise TimeoutError
