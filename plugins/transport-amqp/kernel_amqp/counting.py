@@ -16,9 +16,9 @@ The broker's own count is *not* used. RabbitMQ 3.10 raises it whenever a channel
 closes with the message unacknowledged, including messages a worker prefetched or
 held for their ETA and never started, so a few warm restarts would dead-letter tasks
 that never ran. What bounds a task that kills its worker (SIGKILL, OOM) on quorum
-queues is the broker's ``x-delivery-limit`` instead (the ``delivery_limit`` option,
-20 by default, well above ``task_max_deliveries``): such a message is counted by that
-limit only, and dead-lettered by the broker when it is reached.
+queues is the broker's delivery limit instead (a ``delivery-limit`` policy, or the
+``delivery_limit`` option, well above ``task_max_deliveries``): such a message is
+counted by that limit only, and dead-lettered by the broker when it is reached.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ value stops there with an error that names the option.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -17,8 +17,11 @@ import attrs
 from kernel.exceptions import ConfigurationError
 
 QUEUE_TYPES = ("classic", "quorum")
-#: Default ``x-delivery-limit`` of quorum queues (see :mod:`kernel_amqp.counting`).
-DEFAULT_DELIVERY_LIMIT = 20
+#: Default ``x-delivery-limit`` of quorum queues: none, so a task queue is declared
+#: with exactly the arguments Celery declares it with (RabbitMQ refuses a second
+#: declaration with other arguments, and Celery has no way round that). Bound
+#: redelivery with a policy instead (see ``docs/amqp.md``, "Poison messages").
+DEFAULT_DELIVERY_LIMIT = None
 GLOBAL_QOS_CHOICES = ("auto", True, False)
 
 
@@ -153,6 +156,17 @@ def _queues(value: Any) -> tuple[QueueDefinition, ...]:
     return tuple(QueueDefinition.parse(item) for item in value)
 
 
+def _queue_name(option: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(
+                f"broker_transport_options[{option!r}] must be a queue name, got {value!r}"
+            )
+        return value
+
+    return convert
+
+
 def _global_qos(value: Any) -> Any:
     if value not in GLOBAL_QOS_CHOICES:
         raise ConfigurationError(
@@ -184,14 +198,21 @@ class AmqpOptions:
     max_priority: int | None = attrs.field(default=None, converter=_max_priority)
     #: ``x-delivery-limit`` for quorum queues that set none: after that many returns
     #: (any channel closed holding the message, a worker killed by it included) the
-    #: broker dead-letters the message. Well above ``task_max_deliveries``: it only
-    #: stops a message that keeps killing workers.
+    #: broker dead-letters the message. None by default (Celery's declaration); set it
+    #: well above ``task_max_deliveries``: it only stops a message that keeps killing
+    #: workers.
     delivery_limit: int | None = attrs.field(
         default=DEFAULT_DELIVERY_LIMIT, converter=_optional_positive_int("delivery_limit")
     )
     #: A queue receiving the messages the broker dead-letters (rejected without
     #: requeue, over the delivery limit, expired). None: the broker drops them.
     dead_letter_queue: str | None = None
+    #: Where quorum queues with a delivery limit dead-letter when ``dead_letter_queue``
+    #: is unset: the kernel passes its ``task_dead_letter_queue`` here, so the
+    #: messages the broker gives up on land next to the ones the worker gives up on.
+    kernel_dead_letter_queue: str = attrs.field(
+        default="kernel.dead_letter", converter=_queue_name("kernel_dead_letter_queue")
+    )
     #: Extra arguments per queue name.
     queue_arguments: dict[str, dict[str, Any]] = attrs.field(
         factory=dict, converter=_queue_arguments

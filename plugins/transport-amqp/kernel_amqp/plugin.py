@@ -7,10 +7,13 @@ nothing to apps that do not use it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kernel import hookimpl
 from kernel.plugins.specs import BackendSpec, TransportSpec
+
+log = logging.getLogger(__name__)
 
 BROKER_SCHEMES = ["amqp", "pyamqp"]
 TLS_SCHEMES = ["amqps"]
@@ -24,6 +27,8 @@ BROKER_FEATURES = {
 }
 #: Publisher confirms: a ``delay()`` that returned means RabbitMQ has the message.
 DEFAULT_OPTIONS = {"confirm_publish": True}
+#: Kernel settings the transport reads, as its options.
+SETTING_OPTIONS = {"kernel_dead_letter_queue": "task_dead_letter_queue"}
 
 
 @hookimpl
@@ -35,6 +40,7 @@ def kernel_transports():
             kombu_transport="kernel_amqp.transport:Transport",
             features=BROKER_FEATURES,
             default_options=dict(DEFAULT_OPTIONS),
+            setting_options=dict(SETTING_OPTIONS),
         ),
         TransportSpec(
             name="amqp-tls",
@@ -42,6 +48,7 @@ def kernel_transports():
             kombu_transport="kernel_amqp.transport:SSLTransport",
             features=BROKER_FEATURES,
             default_options=dict(DEFAULT_OPTIONS),
+            setting_options=dict(SETTING_OPTIONS),
         ),
     ]
 
@@ -78,3 +85,33 @@ def kernel_before_task_publish(
     backend = app.backend
     if isinstance(backend, RPCBackend):
         backend.on_task_publish(headers, properties)
+
+
+@hookimpl
+def kernel_worker_process_init(worker: Any, pid: int) -> None:
+    """In a prefork child: declare the worker's queues again on this process's own
+    connection. The child forked before the worker declared them, and a process
+    delays a message in the broker only for routes it has seen bound (so a
+    ``self.retry(countdown=...)`` from the child would otherwise be delivered at once
+    and held by the worker). The queues exist: this costs one connection per child."""
+    app = worker.app
+    try:
+        spec = app.plugins.transport_for_url(app.conf.broker_url)
+    except Exception:  # noqa: BLE001 - not ours to judge
+        return
+    if spec.name not in ("amqp", "amqp-tls"):
+        return
+    try:
+        with app.connection() as connection:
+            channel = connection.default_channel
+            for queue in app.queues_for(worker.queue_names):
+                queue(channel).declare()
+    except Exception as exc:  # noqa: BLE001 - the child still runs tasks
+        log.warning(
+            "amqp: prefork child %s could not declare its worker's queues (%s: %s); "
+            "retries with a countdown it sends are delivered at once and held by the "
+            "worker",
+            pid,
+            type(exc).__name__,
+            exc,
+        )

@@ -32,10 +32,6 @@ DEAD_LETTER_ROUTING_KEY = "x-dead-letter-routing-key"
 #: no dead-lettering: an expired result must not land among dead task messages).
 REPLY_QUEUE_PREFIX = "kernel.reply."
 
-#: The kernel's default ``task_dead_letter_queue``: where quorum queues dead-letter
-#: messages over their delivery limit when the ``dead_letter_queue`` option is unset.
-KERNEL_DEAD_LETTER_QUEUE = "kernel.dead_letter"
-
 #: Kinds a declared queue may have for the transport: its ``x-queue-type``, or
 #: "unknown" when it was found existing with other arguments and used as it is.
 UNKNOWN = "unknown"
@@ -100,12 +96,12 @@ def plan(
 def dead_letter_queue(options: AmqpOptions, kind: str) -> str | None:
     """Where the broker dead-letters a queue's messages: the ``dead_letter_queue``
     option; for quorum queues with a delivery limit and no such option, the kernel's
-    default dead-letter queue (:data:`KERNEL_DEAD_LETTER_QUEUE`), so a message over the
+    ``task_dead_letter_queue`` (option ``kernel_dead_letter_queue``), so a message over the
     limit is kept rather than dropped."""
     if options.dead_letter_queue:
         return options.dead_letter_queue
     if kind == "quorum" and options.delivery_limit is not None:
-        return KERNEL_DEAD_LETTER_QUEUE
+        return options.kernel_dead_letter_queue
     return None
 
 

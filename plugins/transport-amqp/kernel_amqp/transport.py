@@ -177,6 +177,11 @@ class Message(pyamqp.Message):
             replies.remember(headers["id"], reply_to, self.properties.get("correlation_id"))
 
 
+#: Seconds of one read while waiting for a publisher confirm (see
+#: ``Channel._wait_for_confirm``): how far past ``confirm_timeout`` a wait can run.
+CONFIRM_READ_SLICE = 0.25
+
+
 class Channel(pyamqp.Channel):
     """A channel of an ``amqp://``, ``amqps://`` or ``pyamqp://`` connection."""
 
@@ -188,6 +193,7 @@ class Channel(pyamqp.Channel):
         self._global_qos = False
         self._qos_decided = False
         self._prefetch: tuple[int, int] = (0, 0)
+        self._told_fixed_window = False
         #: consumer tag -> the queue it consumes
         self.consumer_queues: dict[str, str] = {}
         super().__init__(connection, *args, **kwargs)
@@ -502,13 +508,18 @@ class Channel(pyamqp.Channel):
     basic_publish = _basic_publish
 
     def basic_publish_confirm(self, msg: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("confirm_timeout") is None:
-            kwargs["confirm_timeout"] = self.options.confirm_timeout
+        timeout = kwargs.pop("confirm_timeout", None)
+        if timeout is None:
+            timeout = self.options.confirm_timeout
         try:
-            return super().basic_publish_confirm(msg, *args, **kwargs)
+            if not self._confirm_selected:
+                self._confirm_selected = True
+                self.confirm_select()
+            published = self._basic_publish(msg, *args, **kwargs)
+            self._wait_for_confirm(timeout or kwargs.get("timeout"))
+            return published
         except TimeoutError as exc:
             exchange = kwargs.get("exchange", args[0] if args else "")
-            timeout = kwargs["confirm_timeout"]
             try:
                 self.connection.collect()  # a later confirm must not answer another publish
             except Exception:  # noqa: BLE001
@@ -528,6 +539,46 @@ class Channel(pyamqp.Channel):
                 "x-overflow=reject-publish, or the broker could not store it. The message "
                 "was not queued; make room in the queue or publish again later"
             ) from exc
+
+    def _wait_for_confirm(self, timeout: float | None) -> None:
+        """Wait for RabbitMQ's basic.ack (or raise ``MessageNacked`` on basic.nack),
+        ``timeout`` seconds at most in all. py-amqp's own wait restarts its timeout
+        with every frame that arrives (heartbeats, deliveries on a consuming channel),
+        so a blocked broker that still sends heartbeats would keep it waiting for ever;
+        this reads in short slices against one deadline instead."""
+        from vine import ensure_promise
+
+        def on_confirm(method: Any, *_args: Any) -> None:
+            if method == amqp.spec.Basic.Nack:
+                raise MessageNacked()
+
+        promise = ensure_promise(on_confirm)
+        methods = (amqp.spec.Basic.Ack, amqp.spec.Basic.Nack)
+        previous = {method: self._pending.get(method) for method in methods}
+        for method in methods:
+            self._pending[method] = promise
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not promise.ready:
+                connection = self.connection
+                if connection is None:
+                    raise amqp.RecoverableConnectionError("connection already closed")
+                if deadline is None:
+                    connection.drain_events(timeout=None)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no publisher confirm within {timeout}s")
+                try:
+                    connection.drain_events(timeout=min(remaining, CONFIRM_READ_SLICE))
+                except TimeoutError:
+                    continue  # nothing arrived in this slice; the deadline decides
+        finally:
+            for method, earlier in previous.items():
+                if earlier is not None:
+                    self._pending[method] = earlier
+                else:
+                    self._pending.pop(method, None)
 
     def _route_delayed(self, exchange: str, routing_key: str, deliver_at: Any) -> tuple[str, str]:
         """Where to publish a message due at ``deliver_at``: the delay topology, or its
@@ -579,10 +630,30 @@ class Channel(pyamqp.Channel):
     def basic_qos(
         self, prefetch_size: int, prefetch_count: int, a_global: bool, argsig: str = "lBb"
     ) -> Any:
+        previous = self._prefetch[1]
         self._prefetch = (prefetch_size, prefetch_count)
         if not self._qos_decided:  # later changes keep the kind of limit (see basic_consume)
             self._global_qos = self._use_global_qos(bool(a_global))
             self._qos_decided = True
+        elif (
+            not self._global_qos
+            and self.consumer_queues
+            and previous
+            and (prefetch_count == 0 or prefetch_count > previous)
+            and not self._told_fixed_window
+        ):
+            self._told_fixed_window = True
+            log.warning(
+                "amqp: the worker widened its prefetch window from %d to %s to hold "
+                "messages waiting for their ETA or a rate limit, but a per-consumer "
+                "prefetch (the kind quorum queues need) cannot change for a running "
+                "consumer of %s: held messages occupy its window. Send delayed tasks "
+                "through RabbitMQ's delay queues (a direct or topic exchange; see "
+                "'Delayed tasks' in docs/amqp.md) or raise worker_prefetch_multiplier",
+                previous,
+                prefetch_count or "unlimited",
+                ", ".join(sorted(set(self.consumer_queues.values()))),
+            )
         return super().basic_qos(prefetch_size, prefetch_count, self._global_qos, argsig)
 
     def _use_global_qos(self, requested: bool) -> bool:

@@ -447,3 +447,26 @@ def test_kernel_clients_countdown_task_reaches_a_celery_worker_on_a_quorum_queue
     value = outcome(sent, quorum_side)
     assert value["ran_on"] == "celery"
     assert value["ran_at"] >= sent_at + countdown
+
+
+def test_celery_declares_a_quorum_queue_a_kernel_process_declared_first(
+    rabbitmq_url, broker, delay_prefix
+):
+    """Review 2, finding 1: by default kernel declares a quorum task queue with exactly
+    Celery's arguments, so a Celery client (which declares before sending) can too."""
+    from kernel import App
+
+    name = broker.name("quorum")
+    app = App(
+        "declares-first",
+        broker=rabbitmq_url,
+        task_default_queue=name,
+        broker_transport_options={"queue_type": "quorum", "delayed_delivery_prefix": delay_prefix},
+    )
+    app.send_task("interop.nothing", ignore_result=True)
+    app.close()
+    client = celery.Celery("declares-second", broker=rabbitmq_url, set_as_current=False)
+    client.conf.task_queues = [Queue(name, queue_arguments={"x-queue-type": "quorum"})]
+    client.conf.task_default_queue = name
+    client.send_task("interop.nothing", queue=name)  # PRECONDITION_FAILED before the fix
+    assert broker.count(name) == 2

@@ -150,3 +150,79 @@ def test_heartbeats_keep_an_idle_worker_connected(rabbitmq_url, broker, delay_pr
     assert not [r for r in caplog.records if "connection lost" in r.getMessage()]
     broker.track(queue=app.backend.reply_queue_name)
     app.close()
+
+
+def test_heartbeats_keep_a_worker_with_every_slot_busy_connected(
+    rabbitmq_url, broker, delay_prefix, caplog
+):
+    """Review 2, finding 3: while every slot is busy and work waits reserved, the worker
+    reads and answers heartbeats; with ``heartbeat`` set through the transport options
+    (kombu's ``Connection.heartbeat`` stays 0) it did not, and RabbitMQ dropped it."""
+    app = make_app(rabbitmq_url, broker, delay_prefix, heartbeat=1)
+    runs: list[int] = []
+
+    @app.task(name="connection.busy")
+    def busy(x):
+        runs.append(x)
+        time.sleep(3.5)  # past two heartbeat intervals, with the other message reserved
+        return x
+
+    with caplog.at_level(logging.WARNING, logger="kernel.worker.worker"):
+        worker, thread = start_worker(app, pool="threads", concurrency=1)
+        try:
+            first, second = busy.delay(1), busy.delay(2)
+            assert first.get(timeout=20) == 1 and second.get(timeout=20) == 2
+        finally:
+            stop_worker(worker, thread)
+    assert not [r for r in caplog.records if "connection lost" in r.getMessage()]
+    assert sorted(runs) == [1, 2]  # neither ran twice
+    broker.track(queue=app.backend.reply_queue_name)
+    app.close()
+
+
+def test_a_channel_closed_by_rabbitmq_is_survived_without_running_tasks_twice_more(
+    rabbitmq_url, broker, delay_prefix, caplog
+):
+    """Review 2, finding 2: RabbitMQ closes a consumer's channel (406: a delivery past
+    ``consumer_timeout``, an unknown delivery tag) and returns its unacknowledged
+    messages. The worker must not crash (which republished its running tasks: twice
+    queued), but consume again on a new channel and let the broker redeliver."""
+    import threading
+
+    app = make_app(rabbitmq_url, broker, delay_prefix)
+    app.conf.result_backend = "cache+memory://"
+    runs: list[int] = []
+    running = threading.Event()
+
+    @app.task(name="connection.slow")
+    def slow(x):
+        runs.append(x)
+        running.set()
+        time.sleep(1.0)
+        return x
+
+    worker, thread = start_worker(app, pool="threads", concurrency=2)
+    original_step = worker._step
+    broken: list[bool] = []
+
+    def step(connection):
+        if running.is_set() and not broken:  # in the worker's thread, mid-task
+            broken.append(True)
+            worker._consumer.channel.basic_ack(987654)  # RabbitMQ: 406, channel closed
+        return original_step(connection)
+
+    worker._step = step
+    try:
+        with caplog.at_level(logging.WARNING, logger="kernel.worker.worker"):
+            results = [slow.delay(i) for i in range(6)]
+            assert [r.get(timeout=30) for r in results] == list(range(6))
+            assert thread.is_alive(), "the worker stopped"
+    finally:
+        stop_worker(worker, thread)
+    assert broken
+    assert "channel" in caplog.text and "PRECONDITION_FAILED" in caplog.text.upper()
+    # The tasks running when the channel closed ran again (RabbitMQ returned them);
+    # no task ran more than twice, and each ran.
+    assert sorted(set(runs)) == list(range(6))
+    assert all(runs.count(x) <= 2 for x in range(6)), runs
+    app.close()

@@ -182,10 +182,13 @@ def test_a_task_gets_the_result_of_a_task_it_sends_with_rpc(make_app, workers):
     assert outer.delay(21).get(timeout=20) == 42
 
 
-def test_a_held_countdown_task_survives_warm_restarts_on_a_quorum_queue(make_app, broker):
+def test_a_held_countdown_task_survives_warm_restarts_on_a_quorum_queue(make_app, broker, caplog):
     """Finding 5: RabbitMQ counts every channel closed with the message unacked, also
-    ETA messages held and never started; that is not an attempt."""
+    ETA messages held and never started; that is not an attempt. The worker also says
+    that its window could not grow for the held message (per-consumer prefetch)."""
     from kernel.testing.pytest_plugin import start_worker, stop_worker
+
+    caplog.set_level("WARNING", logger="kernel_amqp.transport")
 
     dead = broker.name("dead")
     app = make_app(
@@ -209,6 +212,7 @@ def test_a_held_countdown_task_survives_warm_restarts_on_a_quorum_queue(make_app
     finally:
         stop_worker(worker, thread)
     assert broker.count(dead) == 0
+    assert "cannot change for a running consumer" in caplog.text
 
 
 def test_a_dead_letter_queue_existing_with_other_arguments_does_not_break_the_worker(
@@ -267,33 +271,43 @@ def test_reply_queues_expire_even_when_results_do_not(make_app, broker):
     assert broker.exists(app.backend.reply_queue_name)
 
 
-def test_an_unconfirmed_publish_fails_after_confirm_timeout(connect, broker, monkeypatch):
+def test_an_unconfirmed_publish_fails_after_confirm_timeout(connect, broker):
     """Finding 16: a publish RabbitMQ never confirms (a blocked broker) must not wait
-    forever."""
-    import amqp
+    forever; review 2, finding 4: not even while other frames keep arriving
+    (heartbeats, deliveries), which restarted py-amqp's own wait every time."""
+    import threading
+
     from kernel_amqp.transport import ConfirmTimeout
 
     queue = Queue(broker.name("q"), Exchange(broker.name("x"), "direct"), routing_key="q")
     connection = connect(confirm_publish=True, confirm_timeout=0.5)
     queue(connection.default_channel).declare()
-    waited: list[Any] = []
+    frames: list[float] = []
 
-    def never_confirmed(self, method, *args, timeout=None, **kwargs):
-        waited.append(timeout)
-        raise TimeoutError("no confirm")
+    def frames_but_no_confirm(timeout=None):
+        """A frame (a heartbeat) every 50 ms; the confirm is never read."""
+        time.sleep(min(0.05, timeout or 0.05))
+        frames.append(timeout)
 
-    original = amqp.Channel.wait
-    monkeypatch.setattr(
-        amqp.Channel,
-        "wait",
-        lambda self, method, *a, **k: (
-            never_confirmed(self, method, *a, **k)
-            if isinstance(method, list)
-            else original(self, method, *a, **k)
-        ),
-    )
-    with pytest.raises(ConfirmTimeout, match="confirm_timeout"):
-        connection.Producer(serializer="json").publish(
-            {"x": 1}, exchange=queue.exchange.name, routing_key="q", retry=False
-        )
-    assert waited == [0.5]
+    producer = connection.Producer(serializer="json")
+    producer.publish({"x": 0}, exchange=queue.exchange.name, routing_key="q", retry=False)
+    amqp_connection = connection.connection  # confirms selected, one message confirmed
+    amqp_connection.drain_events = frames_but_no_confirm
+    raised: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            producer.publish({"x": 1}, exchange=queue.exchange.name, routing_key="q", retry=False)
+        except BaseException as exc:  # noqa: BLE001 - looked at below
+            raised.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    thread.join(10)
+    del amqp_connection.drain_events  # the real one again, to close the connection
+    assert not thread.is_alive(), "the publish kept waiting for its confirm"
+    assert len(raised) == 1 and isinstance(raised[0], ConfirmTimeout), raised
+    assert "confirm_timeout" in str(raised[0])
+    assert time.monotonic() - started < 5
+    assert len(frames) >= 5  # frames did arrive while it waited

@@ -7,6 +7,7 @@ import os
 import re
 import ssl
 
+import attrs
 import pytest
 from kernel_amqp import counting, delayed, queues
 from kernel_amqp.options import AmqpOptions, split_options
@@ -158,16 +159,20 @@ def test_quorum_queues_drop_max_priority_and_configuration_wins():
     }
     video = queues.plan(options, "video", True, False, False, {"x-max-priority": 5})
     assert video.kind == "quorum"
-    assert video.arguments == {
+    # by default nothing Celery would not declare too (review 2, finding 1)
+    assert video.arguments == {"x-queue-type": "quorum", "x-max-length": 100}
+    assert video.dropped == ("x-max-priority",)
+    # a delivery limit, when asked for, dead-letters to the kernel's dead-letter queue
+    limited = queues.plan(
+        attrs.evolve(options, delivery_limit=20), "video", True, False, False, None
+    )
+    assert limited.arguments == {
         "x-queue-type": "quorum",
         "x-max-length": 100,
-        # a quorum queue gets a broker-side delivery limit, dead-lettering to the
-        # kernel's dead-letter queue (see kernel_amqp.counting)
         "x-delivery-limit": 20,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": "kernel.dead_letter",
     }
-    assert video.dropped == ("x-max-priority",)
 
 
 def test_queue_definitions_come_from_kombu_queues_or_dicts():
@@ -365,3 +370,25 @@ def test_tls_name_is_the_host_the_url_wrote_not_kombus_rewrite():
     assert tls_options(True, "127.0.0.1:5671", server_name="localhost") == {
         "server_hostname": "localhost"
     }
+
+
+def test_quorum_queues_dead_letter_to_the_apps_task_dead_letter_queue():
+    from kernel import App
+
+    app = App("dl", broker="amqp://guest:guest@127.0.0.1:5672//", task_dead_letter_queue="mine")
+    connection = app.connection()
+    assert connection.transport_options["kernel_dead_letter_queue"] == "mine"
+    options, _ = split_options(connection.transport_options)
+    plan = queues.plan(
+        attrs.evolve(options, queue_type="quorum", delivery_limit=20), "t", True, False, False, None
+    )
+    assert plan.arguments["x-dead-letter-routing-key"] == "mine"
+    # the user's broker_transport_options still win
+    app = App(
+        "dl2",
+        broker="amqp://guest:guest@127.0.0.1:5672//",
+        broker_transport_options={"kernel_dead_letter_queue": "theirs"},
+    )
+    assert app.connection().transport_options["kernel_dead_letter_queue"] == "theirs"
+    with pytest.raises(ConfigurationError, match="kernel_dead_letter_queue"):
+        AmqpOptions(kernel_dead_letter_queue="")
