@@ -9,7 +9,7 @@ endif
 export UV_PYTHON_DOWNLOADS := never
 UVRUN := $(UV) run --python $(PYTHON)
 
-.PHONY: quickstart test lint docs bootstrap
+.PHONY: quickstart test lint docs bootstrap bench
 
 quickstart: $(UV)  ## start a worker on the embedded default, send tasks, show results
 	$(UVRUN) python examples/quickstart/run.py
@@ -23,6 +23,9 @@ lint: $(UV)
 
 docs: $(UV)  ## regenerate the configuration reference from the settings class
 	$(UVRUN) python -c "from kernel.config import reference_markdown as r; print(r(), end='')" > docs/configuration.md
+
+bench: $(UV)  ## kernel against Celery and Dramatiq on Redis (bench/run.py; BENCH_ARGS=...)
+	$(UVRUN) --group bench python bench/run.py $(BENCH_ARGS)
 
 bootstrap: $(UV)
 

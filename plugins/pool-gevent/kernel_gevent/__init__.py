@@ -1,0 +1,1 @@
+"""gevent execution pool for kernel (``kernel worker -P gevent``)."""
