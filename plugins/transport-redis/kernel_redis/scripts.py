@@ -163,3 +163,27 @@ SERVER_TIME = (
 return tostring(now)
 """
 )
+
+#: Publish to a direct exchange in one round trip: read its bindings (KEYS[1], members
+#: ``routing_key<sep>pattern<sep>queue``) and LPUSH the message to every queue bound
+#: with the routing key, each once. kombu reads the bindings, then pushes: two round
+#: trips per message. Returns how many queues got it; 0 leaves the message to kombu's
+#: own path (no binding: written back from this process's state, or dead-lettered).
+#: ARGV: routing key, separator, key prefix, list suffix (priority), message.
+PUBLISH_DIRECT = """
+local key, sep, prefix, suffix, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local pushed, seen = 0, {}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    local first = string.find(member, sep, 1, true)
+    if first and string.sub(member, 1, first - 1) == key then
+        local second = string.find(member, sep, first + #sep, true)
+        local queue = second and string.sub(member, second + #sep) or ''
+        if queue ~= '' and not seen[queue] then
+            seen[queue] = true
+            redis.call('LPUSH', prefix .. queue .. suffix, payload)
+            pushed = pushed + 1
+        end
+    end
+end
+return pushed
+"""

@@ -287,6 +287,35 @@ class LeasedChannel:
             client.zadd(key, {member: at})
         return None
 
+    def basic_publish(self, message: dict, exchange: str, routing_key: str, **kwargs: Any) -> Any:
+        """Publish; to a direct exchange in one round trip (``PUBLISH_DIRECT``) when
+        nothing needs kombu's own path (a batch, queue expiry, a future delivery)."""
+        if (
+            exchange
+            and "_publish_batch" not in kwargs
+            and not self._expires
+            and self.typeof(exchange).type == "direct"
+            and not (self.delayed_delivery and _is_future(message))
+        ):
+            self._inplace_augment_message(message, exchange, routing_key)
+            priority = self.priority(self._get_message_priority(message, reverse=False))
+            pushed = self.run_script(
+                scripts.PUBLISH_DIRECT,
+                [self.full_key(self.keyprefix_queue % (exchange,))],
+                [
+                    routing_key or "",
+                    self.sep,
+                    self.global_keyprefix or "",
+                    f"{self.sep}{priority}" if priority else "",
+                    dumps(message),
+                ],
+            )
+            if pushed:
+                return None
+            # kombu's own path, without augmenting (encoding the body) a second time
+            return self.typeof(exchange).deliver(message, exchange, routing_key, **kwargs)
+        return super().basic_publish(message, exchange, routing_key, **kwargs)
+
     def promote_due(self, queues: list[str], force: bool = False) -> float:
         """Move the due delayed messages of ``queues`` to their lists, for queues whose
         turn came; seconds until the next turn of any of them."""
@@ -586,6 +615,12 @@ class LeasedChannel:
                     )
                     return
                 time.sleep(0.2)
+
+
+def _is_future(message: dict) -> bool:
+    """True when the message has an ``x-deliver-at`` still to come."""
+    at = messages.deliver_at(message, "")
+    return at is not None and at > time.time()
 
 
 class Channel(LeasedChannel, kombu_redis.Channel):
