@@ -480,10 +480,10 @@ class PreforkPool(Pool):
     """
 
     def start(self) -> None:
-        from billiard.pool import Pool as BilliardPool
+        from kernel.worker.billiard_pool import PromptPool
 
         worker = self.worker
-        self._pool = BilliardPool(
+        self._pool = PromptPool(
             processes=self.limit,
             initializer=_child_init,
             initargs=(self.app, worker),
