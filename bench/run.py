@@ -1,0 +1,426 @@
+"""kernel against Celery and Dramatiq on Redis, side by side in one run (``make bench``).
+
+Scenarios (each repeated with the peers interleaved, kernel, Celery, Dramatiq, then
+again; reported as medians and as ratios kernel/peer):
+
+- ``throughput``: N no-op tasks published by one client (publish rate), then drained
+  by a worker started afterwards, prefork with concurrency 2 (Dramatiq: 2 processes x
+  1 thread); tasks/s from the first task done to the last. Also the worker's peak RSS
+  (main process and its children).
+- ``latency``: sequential ``delay().get()`` round trips of an echo task on a solo
+  worker (Dramatiq: 1 process x 1 thread) with results in Redis; p50/p90/p99 ms.
+
+Also prints Redis's own ceiling (``redis-benchmark`` LPUSH and RPOP on one
+connection). Results go to ``bench/results/`` as JSON lines (the first line describes
+the run), a Markdown table and a chart (``latest.md`` and ``latest.png`` are the last
+run's). Numbers are printed, never asserted.
+
+Usage: ``uv run --group bench python bench/run.py [--tasks 20000] [--round-trips 1000]
+[--repeat 3] [--scenarios throughput,latency] [--peers kernel,celery,dramatiq]``;
+``--report RUN.jsonl`` rebuilds the table and chart of a saved run without measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from peers import COUNTER, PUBLISH, ROUND_TRIP, SETTINGS, worker_command, write_modules
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+PUBLISH_CLIENT = """
+import json, sys, time
+{setup}
+n = int(sys.argv[1])
+started = time.perf_counter()
+for i in range(n):
+    send(i)
+print(json.dumps({{"seconds": time.perf_counter() - started}}))
+"""
+
+ROUND_TRIP_CLIENT = """
+import json, sys, time
+{setup}
+n = int(sys.argv[1])
+for i in range(20):  # warm-up, and the wait for the worker to start
+    call(i)
+times = []
+for i in range(n):
+    started = time.perf_counter()
+    call(i)
+    times.append(time.perf_counter() - started)
+print(json.dumps({{"times": times}}))
+"""
+
+
+class Bench:
+    """One benchmark run: its directory, Redis database, and the measurements."""
+
+    def __init__(self, redis_url: str, workdir: Path, out: Path) -> None:
+        import redis
+
+        self.redis_url = redis_url
+        self.redis = redis.Redis.from_url(redis_url)
+        self.workdir = workdir
+        self.out = out
+        self.rows: list[dict] = []
+        write_modules(workdir)
+
+    def env(self, results: bool) -> dict[str, str]:
+        return {
+            **os.environ,
+            "BENCH_BROKER": self.redis_url,
+            "BENCH_COUNTER": self.redis_url,
+            "BENCH_RESULTS": self.redis_url if results else "",
+            "PYTHONPATH": str(self.workdir),
+        }
+
+    def client(self, template: str, setup: str, argument: int, results: bool) -> dict:
+        code = template.format(setup=setup)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(argument)],
+            cwd=self.workdir,
+            env=self.env(results),
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"client failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def start_worker(self, peer: str, pool: str, concurrency: int, results: bool, label: str):
+        log = open(self.workdir / f"{label}.log", "wb")  # noqa: SIM115 - closed in stop
+        proc = subprocess.Popen(
+            worker_command(peer, pool, concurrency),
+            cwd=self.workdir,
+            env=self.env(results),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        proc.log = log  # type: ignore[attr-defined]
+        return proc
+
+    @staticmethod
+    def stop_worker(proc) -> None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+        proc.log.close()
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.out, "a") as out:
+            out.write(json.dumps(row) + "\n")
+
+    # -- scenarios -----------------------------------------------------------------------
+
+    def throughput(self, peer: str, tasks: int, round_: int, timeout: float) -> None:
+        self.redis.flushdb()
+        published = self.client(PUBLISH_CLIENT, PUBLISH[peer], tasks, results=False)
+        label = f"throughput-{peer}-{round_}"
+        proc = self.start_worker(peer, "prefork", 2, False, label)
+        first = last = None
+        peak = 0.0
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                done = int(self.redis.get(COUNTER) or 0)
+                now = time.perf_counter()
+                if done and first is None:
+                    first = (now, done)
+                if done >= tasks:
+                    last = now
+                    break
+                peak = max(peak, tree_rss_mb(proc.pid))
+                time.sleep(0.005)
+            peak = max(peak, tree_rss_mb(proc.pid))
+        finally:
+            self.stop_worker(proc)
+        row = {
+            "scenario": "throughput",
+            "peer": peer,
+            "round": round_,
+            "tasks": tasks,
+            "publish_per_s": tasks / published["seconds"],
+            "drain_per_s": None,
+            "peak_rss_mb": round(peak, 1),
+        }
+        if first is not None and last is not None and last > first[0]:
+            row["drain_per_s"] = (tasks - first[1]) / (last - first[0])
+        else:
+            row["error"] = f"not drained within {timeout}s; see {label}.log"
+        self.record(row)
+
+    def latency(self, peer: str, round_trips: int, round_: int) -> None:
+        self.redis.flushdb()
+        label = f"latency-{peer}-{round_}"
+        proc = self.start_worker(peer, "solo", 1, True, label)
+        try:
+            measured = self.client(ROUND_TRIP_CLIENT, ROUND_TRIP[peer], round_trips, True)
+        finally:
+            self.stop_worker(proc)
+        times = sorted(t * 1000 for t in measured["times"])
+        self.record(
+            {
+                "scenario": "latency",
+                "peer": peer,
+                "round": round_,
+                "round_trips": round_trips,
+                "p50_ms": percentile(times, 50),
+                "p90_ms": percentile(times, 90),
+                "p99_ms": percentile(times, 99),
+            }
+        )
+
+
+def percentile(values: list[float], p: float) -> float:
+    index = min(len(values) - 1, max(0, round(p / 100 * len(values)) - 1))
+    return values[index]
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and its children (a prefork pool), in MB."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                pending.extend(int(child) for child in children)
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
+def redis_ceiling(redis_url: str) -> dict[str, float]:
+    """LPUSH and RPOP per second on one connection, from ``redis-benchmark``."""
+    if shutil.which("redis-benchmark") is None:
+        return {}
+    from urllib.parse import urlparse
+
+    parsed = urlparse(redis_url)
+    done = subprocess.run(
+        [
+            "redis-benchmark",
+            "-h",
+            parsed.hostname or "127.0.0.1",
+            "-p",
+            str(parsed.port or 6379),
+            "-c",
+            "1",
+            "-n",
+            "50000",
+            "-q",
+            "-t",
+            "lpush,rpop",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    ceiling = {}
+    for line in done.stdout.replace("\r", "\n").splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() in ("LPUSH", "RPOP") and "requests per second" in rest:
+            ceiling[name.strip()] = float(rest.split()[0])
+    return ceiling
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("taskkernel", "celery", "dramatiq", "kombu", "redis"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {model}, {platform.system()} {platform.release()}"
+
+
+def median_of(rows: list[dict], scenario: str, peer: str, key: str) -> float | None:
+    values = [
+        r[key]
+        for r in rows
+        if r["scenario"] == scenario and r["peer"] == peer and r.get(key) is not None
+    ]
+    return statistics.median(values) if values else None
+
+
+def report(rows: list[dict], peers: list[str], header: list[str]) -> str:
+    lines = [*header, ""]
+    metrics = [
+        ("throughput", "publish_per_s", "publish, tasks/s", True),
+        ("throughput", "drain_per_s", "end to end (drain), tasks/s", True),
+        ("throughput", "peak_rss_mb", "worker peak RSS, MB", False),
+        ("latency", "p50_ms", "round trip p50, ms", False),
+        ("latency", "p90_ms", "round trip p90, ms", False),
+        ("latency", "p99_ms", "round trip p99, ms", False),
+    ]
+    others = [p for p in peers if p != "kernel"]
+    columns = [*peers, *(f"kernel/{p}" for p in others)]
+    lines.append("| metric | " + " | ".join(columns) + " |")
+    lines.append("| --- |" + " --- |" * len(columns))
+    for scenario, key, title, higher_better in metrics:
+        values = {p: median_of(rows, scenario, p, key) for p in peers}
+        if all(v is None for v in values.values()):
+            continue
+        cells = [f"{values[p]:,.1f}" if values[p] is not None else "n/a" for p in peers]
+        for p in others:
+            k, o = values.get("kernel"), values[p]
+            if k and o:
+                ratio = k / o if higher_better else o / k
+                cells.append(f"{ratio:.2f}x")
+            else:
+                cells.append("n/a")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Ratios are kernel's advantage: kernel/peer for rates, peer/kernel for times "
+        "and memory (above 1 means kernel is ahead)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], peers: list[str], title: str, path: Path) -> None:
+    """A PNG bar chart: publish and end-to-end tasks/s per peer (medians)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("publish_per_s", "publish"), ("drain_per_s", "end to end (drain)")]
+    figure, axes = plt.subplots(figsize=(7, 3.6), dpi=110)
+    width = 0.8 / len(peers)
+    for index, peer in enumerate(peers):
+        values = [median_of(rows, "throughput", peer, key) or 0 for key, _ in metrics]
+        positions = [m + (index - (len(peers) - 1) / 2) * width for m in range(len(metrics))]
+        bars = axes.bar(positions, values, width, label=peer)
+        axes.bar_label(bars, fmt="{:,.0f}", fontsize=8)
+    axes.set_xticks(range(len(metrics)), [label for _, label in metrics])
+    axes.set_ylabel("tasks/s (higher is better)")
+    axes.set_title(title, fontsize=10)
+    axes.legend(frameon=False)
+    axes.spines[["top", "right"]].set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_outputs(rows: list[dict], peers: list[str], header: list[str], stamp: str) -> str:
+    """The run's Markdown table and chart, under its stamp and as ``latest``."""
+    table = report(rows, peers, header)
+    title = "Redis, prefork concurrency 2, no-op tasks (" + stamp + ")"
+    for name in (stamp, "latest"):
+        (RESULTS_DIR / f"{name}.md").write_text(table)
+        if any(r["scenario"] == "throughput" for r in rows):
+            chart(rows, peers, title, RESULTS_DIR / f"{name}.png")
+    return table
+
+
+def rebuild(path: Path) -> str:
+    """Table and chart of a saved run (its JSON lines), without measuring again."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    run = next((r for r in rows if r["scenario"] == "run"), None)
+    if run is None:
+        sys.exit(f"{path}: no run description (first line); was it written by bench/run.py?")
+    measured = [r for r in rows if r["scenario"] != "run"]
+    return write_outputs(measured, run["peers"], run["header"], run["stamp"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
+    parser.add_argument("--tasks", type=int, default=20000)
+    parser.add_argument("--round-trips", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--scenarios", default="throughput,latency")
+    parser.add_argument("--peers", default="kernel,celery,dramatiq")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--report", type=Path, help="rebuild a saved run's table and chart")
+    options = parser.parse_args()
+    if options.report is not None:
+        print(rebuild(options.report))
+        return
+    peers = options.peers.split(",")
+    scenarios = options.scenarios.split(",")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"{stamp}.jsonl"
+    found = versions()
+    header = [
+        f"# Benchmark {stamp}",
+        "",
+        f"Command: `uv run --group bench python bench/run.py --tasks {options.tasks} "
+        f"--round-trips {options.round_trips} --repeat {options.repeat}`  ",
+        f"Machine: {machine()}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in found.items()) + "  ",
+        f"Broker and results: Redis on loopback; medians of {options.repeat} interleaved rounds.  ",
+        "Settings: " + "; ".join(f"{p}: {SETTINGS[p]}" for p in peers) + ".",
+    ]
+    ceiling = redis_ceiling(options.redis)
+    if ceiling:
+        header.append(
+            "Redis ceiling (redis-benchmark, one connection): "
+            + ", ".join(f"{k} {v:,.0f}/s" for k, v in ceiling.items())
+            + "."
+        )
+    print("\n".join(header), flush=True)
+    with open(out, "w") as described:
+        run = {"scenario": "run", "stamp": stamp, "peers": peers, "header": header}
+        described.write(json.dumps(run) + "\n")
+    with tempfile.TemporaryDirectory(prefix="kernel-bench-") as tmp:
+        bench = Bench(options.redis, Path(tmp), out)
+        for round_ in range(options.repeat):
+            for scenario in scenarios:
+                for peer in peers:
+                    if scenario == "throughput":
+                        bench.throughput(peer, options.tasks, round_, options.timeout)
+                    elif scenario == "latency":
+                        bench.latency(peer, options.round_trips, round_)
+                    else:
+                        sys.exit(f"unknown scenario {scenario!r}: throughput, latency")
+                    print(json.dumps(bench.rows[-1]), flush=True)
+    table = write_outputs(bench.rows, peers, header, stamp)
+    print()
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
