@@ -32,21 +32,28 @@ return 1
 """
 )
 
-#: Take the next message and record its delivery in one step, so that no moment exists
-#: where a message is out of its queue and not yet in ``unacked`` (a consumer or Redis
-#: dying then would lose it). Pops (RPOP) the first non-empty list of KEYS[3..], in
-#: serving order; when ARGV[i] is "1" for the list KEYS[i + 2] (its consumer acks),
-#: records the delivery as HOLD does: the payload with its exchange and routing key
-#: under its delivery tag in KEYS[1] (``unacked``), the tag scored with the server's
-#: clock in KEYS[2] (``unacked_index``). The payload is stored as it came, never
-#: re-encoded. Returns {list number (1-based), payload, 1 if recorded else 0}, or nil
-#: when every list is empty.
+#: Take up to ARGV[1] messages and record their deliveries in one step, so that no
+#: moment exists where a message is out of its queue and not yet in ``unacked`` (a
+#: consumer or Redis dying then would lose it). Pops (RPOP) from the lists KEYS[3..] in
+#: serving order, moving to the next list when one is empty; when ARGV[i + 1] is "1"
+#: for the list KEYS[i + 2] (its consumer acks), records each delivery as HOLD does:
+#: the payload with its exchange and routing key under its delivery tag in KEYS[1]
+#: (``unacked``), the tag scored with the server's clock in KEYS[2]
+#: (``unacked_index``). Payloads are stored as they came, never re-encoded. Returns
+#: {list number (1-based), payload, 1 if recorded else 0} per message taken, one
+#: after the other in one flat list, or nil when every list is empty.
 TAKE = """
+local limit = tonumber(ARGV[1])
+local taken = {}
+local now = nil
 for i = 3, #KEYS do
-    local item = redis.call('RPOP', KEYS[i])
-    if item then
+    while #taken < 3 * limit do
+        local item = redis.call('RPOP', KEYS[i])
+        if not item then
+            break
+        end
         local held = 0
-        if ARGV[i - 2] == '1' then
+        if ARGV[i - 1] == '1' then
             local ok, message = pcall(cjson.decode, item)
             if ok and type(message) == 'table' and type(message.properties) == 'table'
                     and type(message.properties.delivery_tag) == 'string' then
@@ -56,17 +63,24 @@ for i = 3, #KEYS do
                 end
                 local stored = '[' .. item .. ',' .. cjson.encode(info.exchange) .. ','
                     .. cjson.encode(info.routing_key) .. ']'
-                local time = redis.call('TIME')
-                local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+                if not now then
+                    local time = redis.call('TIME')
+                    now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+                end
                 redis.call('HSET', KEYS[1], message.properties.delivery_tag, stored)
                 redis.call('ZADD', KEYS[2], now, message.properties.delivery_tag)
                 held = 1
             end
         end
-        return {i - 2, item, held}
+        taken[#taken + 1] = i - 2
+        taken[#taken + 1] = item
+        taken[#taken + 1] = held
     end
 end
-return nil
+if #taken == 0 then
+    return nil
+end
+return taken
 """
 
 #: Show the consumer holding tags ARGV[1..] is alive: their scores in KEYS[1]

@@ -13,8 +13,10 @@ What this transport changes, and why:
   Lua script (:data:`~kernel_redis.scripts.TAKE`), so a worker or Redis dying between
   the two cannot lose it. A consumer with nothing waiting blocks in BRPOP (Redis has
   no blocking command that both watches several lists and records), records what it
-  popped at once, and takes atomically again as long as messages are waiting; a popped
-  message it could not record (Redis went away) goes back to the front of its queue.
+  popped at once, and takes atomically again as long as messages are waiting, as many
+  as its prefetch window has room for (at most ``take_batch``) in one round trip; a
+  popped message it could not record (Redis went away) goes back to the front of its
+  queue.
 - **Leases** (:mod:`kernel_redis.leases`): a consuming channel renews the deliveries
   it holds, so a task running longer than ``visibility_timeout`` (30 s here, an hour
   in Celery) is never delivered twice, while a dead worker's messages are back within
@@ -60,6 +62,7 @@ KERNEL_OPTIONS = (
     "delayed_delivery",
     "delayed_poll_interval",
     "restore_batch",
+    "take_batch",
 )
 
 
@@ -90,6 +93,10 @@ class LeasedChannel:
     #: half-open connection cannot stall lease renewal for minutes.
     socket_timeout: float | None = 10.0
     socket_connect_timeout: float | None = 5.0
+    #: Most messages one TAKE hands over while messages are waiting (fewer when the
+    #: consumer's prefetch window has less room): one round trip to Redis for a batch
+    #: instead of one per message.
+    take_batch: int = 32
     #: Oldest Redis that has every command used here (ZRANGE BYSCORE, float BRPOP).
     minimum_redis = (6, 2)
 
@@ -391,13 +398,25 @@ class LeasedChannel:
             *(self.full_key(key) for key in lists),
         ]
 
-    def _taken_message(self, reply: list[Any], queues: list[str]) -> tuple[dict, str]:
-        """The message and queue of a TAKE reply; a recorded delivery is noted."""
-        number, item, held = reply
-        message = loads(bytes_to_str(item))
-        if int(held):
-            self._taken.add(message["properties"]["delivery_tag"])
-        return message, queues[int(number) - 1]
+    def _taken_messages(self, reply: list[Any], queues: list[str]) -> list[tuple[dict, str]]:
+        """The messages and queues of a TAKE reply; recorded deliveries are noted."""
+        taken = []
+        for start in range(0, len(reply), 3):
+            number, item, held = reply[start : start + 3]
+            message = loads(bytes_to_str(item))
+            if int(held):
+                self._taken.add(message["properties"]["delivery_tag"])
+            taken.append((message, queues[int(number) - 1]))
+        return taken
+
+    def _take_limit(self, queues: list[str]) -> int:
+        """How many messages the next TAKE may hand over: the room left in the
+        consumer's prefetch window, at most ``take_batch``; one at a time when a
+        queue is consumed without acks (no window counts those)."""
+        if self._no_ack_queues.intersection(queues):
+            return 1
+        room = self.qos.can_consume_max_estimate()
+        return max(1, min(self.take_batch, self.take_batch if room is None else room))
 
     def _hold_popped(self, key: str, item: str, message: dict, queue: str) -> None:
         """Record a delivery BRPOP popped. If Redis went away meanwhile, keep the
@@ -441,10 +460,10 @@ class LeasedChannel:
         self._put_back_unheld()
         lists = [self._q_for_pri(queue, step) for step in self._serving_steps()]
         flag = "0" if self._getting_no_ack else "1"
-        reply = self.run_script(scripts.TAKE, self._take_keys(lists), [flag] * len(lists))
+        reply = self.run_script(scripts.TAKE, self._take_keys(lists), [1] + [flag] * len(lists))
         if not reply:
             raise Empty()
-        return self._taken_message(reply, [queue] * len(lists))[0]
+        return self._taken_messages(reply, [queue] * len(lists))[0][0]
 
     def _take_script(self) -> str:
         if self._take_sha is None:
@@ -474,7 +493,7 @@ class LeasedChannel:
             sha = self._take_script()
             keys = self._take_keys([key for key, _ in pairs])
             flags = ["0" if queue in self._no_ack_queues else "1" for _, queue in pairs]
-            command = ["EVALSHA", sha, len(keys), *keys, *flags]
+            command = ["EVALSHA", sha, len(keys), *keys, self._take_limit(queues), *flags]
             self._poll_queues = [queue for _, queue in pairs]
             self._polling = "TAKE"
         else:
@@ -507,20 +526,37 @@ class LeasedChannel:
                 raise Empty()
             self._take_next = True  # more may be waiting: take atomically again
             if polling == "TAKE":
-                message, queue = self._taken_message(reply, self._poll_queues)
+                taken = self._taken_messages(reply, self._poll_queues)
             else:
                 key, item = bytes_to_str(reply[0]), bytes_to_str(reply[1])
                 queue = key.rsplit(self.sep, 1)[0]
                 message = loads(item)
                 self._hold_popped(key, item, message, queue)
-            self._queue_cycle.rotate(queue)
-            self.connection._deliver(message, queue)
+                taken = [(message, queue)]
+            self._queue_cycle.rotate(taken[-1][1])
+            self._deliver_taken(taken)
             return True
         finally:
             self._in_poll = None
             reauth = getattr(self, "_flush_brpop_reauth", None)
             if reauth is not None:
                 reauth()
+
+    def _deliver_taken(self, taken: list[tuple[dict, str]]) -> None:
+        """Hand messages over in the order taken. If handing one over fails, the ones
+        not handed over yet go back to the front of their queues (not counted as an
+        attempt) instead of waiting out their lease."""
+        for position, (message, queue) in enumerate(taken):
+            try:
+                self.connection._deliver(message, queue)
+            except BaseException:
+                rest = [m["properties"]["delivery_tag"] for m, _ in taken[position + 1 :]]
+                rest = [tag for tag in rest if tag in self._taken]
+                if rest:
+                    self._taken.difference_update(rest)
+                    with contextlib.suppress(*self.connection_errors):
+                        self.restore_tags(list(reversed(rest)), attempted=False)
+                raise
 
     # -- queues ----------------------------------------------------------------------
 

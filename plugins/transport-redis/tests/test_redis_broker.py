@@ -273,10 +273,11 @@ def test_bindings_lost_by_a_redis_restart_are_declared_again(broker):
 
 
 def consume_one(connection: kombu.Connection, queue: Queue, no_ack: bool = False):
-    """Consume ``queue`` until one message arrives (through the poller: TAKE/BRPOP)."""
+    """Consume ``queue`` until one message arrives (through the poller: TAKE/BRPOP);
+    a prefetch window of one, so that only that message is taken."""
     received = []
     with connection.Consumer(
-        queue, callbacks=[lambda body, msg: received.append(msg)], no_ack=no_ack
+        queue, callbacks=[lambda body, msg: received.append(msg)], no_ack=no_ack, prefetch_count=1
     ):
         deadline = time.monotonic() + 5
         while not received and time.monotonic() < deadline:
@@ -357,3 +358,75 @@ def test_a_popped_message_that_could_not_be_recorded_goes_back_first(broker, mon
     assert "x-delivery-count" not in message.headers  # never started: not counted
     message.ack()
     assert broker.raw.hlen("unacked") == 0 and not channel._unheld
+
+
+def drain_once(connection: kombu.Connection) -> None:
+    """One poll of the consumer's queues (a TAKE while messages are waiting)."""
+    try:
+        connection.drain_events(timeout=2)
+    except TimeoutError:
+        pass
+
+
+def test_one_take_hands_over_as_many_waiting_messages_as_the_prefetch_window_allows(broker):
+    connection = broker.connect()
+    queue = broker.queue()
+    for n in range(5):
+        broker.publish(connection, queue, f"waiting {n}")
+    channel = connection.default_channel
+    received = []
+    with connection.Consumer(queue, callbacks=[lambda body, msg: received.append(msg)]):
+        channel.basic_qos(0, 3, False)
+        drain_once(connection)
+        # One round trip: the window's three, in queue order, each recorded.
+        assert [m.payload for m in received] == ["waiting 0", "waiting 1", "waiting 2"]
+        assert broker.raw.hlen("unacked") == 3
+        assert broker.raw.llen(queue.name) == 2
+        for message in received:
+            message.ack()
+        wait_for(lambda: len(received) == 5 or drain_once(connection), timeout=5)
+    assert [m.payload for m in received][3:] == ["waiting 3", "waiting 4"]
+    for message in received[3:]:
+        message.ack()
+    assert broker.raw.hlen("unacked") == 0 and broker.raw.zcard("_kernel.leases") == 0
+
+
+def test_messages_taken_but_not_handed_over_go_back_to_the_front_uncounted(broker):
+    connection = broker.connect()
+    queue = broker.queue()
+    for n in range(4):
+        broker.publish(connection, queue, f"waiting {n}")
+    channel = connection.default_channel
+    received = []
+
+    def fails_on_the_second(body, message):
+        received.append(message)
+        if len(received) == 2:
+            raise RuntimeError("consumer callback failed")
+
+    with connection.Consumer(queue, callbacks=[fails_on_the_second]):
+        channel.basic_qos(0, 4, False)
+        with pytest.raises(RuntimeError, match="callback failed"):
+            drain_once(connection)
+    # The two after the failing one are back at the front, in order, not counted;
+    # the two handed over stay held by this channel.
+    assert broker.raw.llen(queue.name) == 2
+    assert broker.raw.hlen("unacked") == 2
+    again = broker.connect()
+    first = consume_one(again, queue)
+    assert first.payload == "waiting 2"
+    assert "x-delivery-count" not in first.headers
+    first.ack()
+
+
+def test_take_batch_bounds_a_take_without_a_prefetch_window(broker):
+    connection = broker.connect(take_batch=2)
+    queue = broker.queue()
+    for n in range(3):
+        broker.publish(connection, queue, f"waiting {n}")
+    received = []
+    with connection.Consumer(queue, callbacks=[lambda body, msg: received.append(msg)]):
+        drain_once(connection)
+        assert [m.payload for m in received] == ["waiting 0", "waiting 1"]
+        for message in received:
+            message.ack()
