@@ -127,6 +127,16 @@ class DisabledBackend:
         """Nothing to release."""
 
 
+def _declaration_cached(connection: Any, entity: Any) -> bool:
+    """Whether kombu's per-connection cache says ``entity`` is declared already.
+
+    The same test kombu's ``maybe_declare`` makes, read without binding a copy of the
+    entity to the channel first (kombu's order), which cost about 15 % of a publish.
+    The cache is cleared whenever the connection is, so a new connection declares again.
+    """
+    return bool(entity.can_cache_declaration) and hash(entity) in connection.declared_entities
+
+
 class App:
     """A kernel application: ``app = kernel.App("proj", broker=..., backend=...)``."""
 
@@ -536,6 +546,7 @@ class App:
         )
 
         def send(producer: Any) -> None:
+            declared = not declare or _declaration_cached(self._local.connection, queue)
             producer.publish(
                 message.body,
                 exchange=exchange,
@@ -544,7 +555,7 @@ class App:
                 compression=compression,
                 headers=message.headers,
                 priority=route.get("priority"),
-                declare=[queue] if declare else [],
+                declare=[] if declared else [queue],
                 **message.properties,
             )
 

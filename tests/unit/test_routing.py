@@ -132,6 +132,26 @@ def test_send_task_publishes_to_the_explicit_queue(kernel_app):
     assert message.headers["id"] == result.id
 
 
+def test_a_queue_is_declared_once_per_publishing_connection(kernel_app, monkeypatch):
+    declared = []
+    real = Queue.declare
+
+    def counting(self, *args, **kwargs):
+        declared.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Queue, "declare", counting)
+    queue_name = f"once.{uuid.uuid4().hex[:8]}"
+    for n in range(3):
+        kernel_app.send_task("proj.anything", (n,), queue=queue_name)
+    assert declared == [queue_name]
+    kernel_app.close()  # a new connection: the broker may have lost it, declare again
+    kernel_app.send_task("proj.anything", (3,), queue=queue_name)
+    assert declared == [queue_name, queue_name]
+    for _ in range(4):
+        assert _get_message(kernel_app, queue_name) is not None
+
+
 def _get_message(app, queue_name, timeout=2.0):
     with app.connection() as connection:
         bound = Queue(queue_name, routing_key=queue_name)(connection.default_channel)
