@@ -170,6 +170,14 @@ return redis.call('SCARD', KEYS[1])
 """
 
 
+def _is_channel(message: dict, channel: str) -> bool:
+    """Whether a pub/sub reply is about ``channel`` (redis-py gives bytes or str)."""
+    name = message.get("channel")
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return name == channel
+
+
 class RedisBackendUnavailable(KernelError, ConnectionError):
     """Redis did not answer within the backend's ``retry_timeout``."""
 
@@ -246,6 +254,8 @@ class RedisBackend(KeyValueBackend):
         self._client_pid: int | None = None
         self._scripts: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # Each thread's pub/sub connection, kept between waits (see _subscribe).
+        self._listeners = threading.local()
 
     @staticmethod
     def _prefix(prefix: Any) -> str:
@@ -353,6 +363,7 @@ class RedisBackend(KeyValueBackend):
         return self._call(what, lambda client: self._script(source)(keys, args, client=client))
 
     def close(self) -> None:
+        self._forget_pubsub()
         client, self._client = self._client, None
         if client is not None and self._client_pid == os.getpid():
             client.connection_pool.disconnect()
@@ -455,6 +466,7 @@ class RedisBackend(KeyValueBackend):
                 try:
                     message = pubsub.get_message(timeout=remaining)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    self._forget_pubsub()
                     log.warning(
                         "lost the pub/sub connection to %s (%s); polling for task %s",
                         self._safe_url,
@@ -464,16 +476,20 @@ class RedisBackend(KeyValueBackend):
                     return self._poll(task_id, deadline, timeout, interval)
                 if message is None:
                     meta = self.get_task_meta(task_id)
-                elif message.get("type") == "message":
+                elif message.get("type") == "message" and _is_channel(message, channel):
                     meta = self._decode_published(task_id, message["data"])
             return meta
         finally:
-            self._close_pubsub(pubsub)
+            self._unsubscribe(pubsub, channel)
 
     def _subscribe(self, channel: str, deadline: float | None) -> Any:
-        """A pub/sub connection subscribed to ``channel``, confirmed by Redis (so a
-        store after our next read is published to us)."""
-        pubsub = self.client.pubsub()
+        """This thread's pub/sub connection, subscribed to ``channel`` and confirmed by
+        Redis (so a store after our next read is published to us).
+
+        The connection is kept between waits: opening one (TCP, HELLO, CLIENT SETINFO)
+        cost more than the rest of a round trip. Replies still queued on it for an
+        earlier channel (its unsubscribe, a late result) are skipped."""
+        pubsub = self._pubsub()
         try:
             pubsub.subscribe(channel)
             confirm_by = time.monotonic() + self.recheck_interval * 5
@@ -481,12 +497,40 @@ class RedisBackend(KeyValueBackend):
                 confirm_by = min(confirm_by, deadline)
             while time.monotonic() < confirm_by:
                 message = pubsub.get_message(timeout=max(0.0, confirm_by - time.monotonic()))
-                if message is not None and message.get("type") == "subscribe":
+                if (
+                    message is not None
+                    and message.get("type") == "subscribe"
+                    and _is_channel(message, channel)
+                ):
                     break
         except BaseException:
-            self._close_pubsub(pubsub)
+            self._forget_pubsub()
             raise
         return pubsub
+
+    def _pubsub(self) -> Any:
+        listeners = self._listeners
+        if getattr(listeners, "pubsub", None) is None or listeners.pid != os.getpid():
+            listeners.pubsub, listeners.pid = self.client.pubsub(), os.getpid()
+        return listeners.pubsub
+
+    def _unsubscribe(self, pubsub: Any, channel: str) -> None:
+        """Leave ``channel``, keeping the connection for the next wait; a connection
+        that fails here is closed and the next wait opens another."""
+        if pubsub is not getattr(self._listeners, "pubsub", None):
+            return  # already closed after a failure
+        try:
+            pubsub.unsubscribe(channel)
+        except Exception:
+            self._forget_pubsub()
+
+    def _forget_pubsub(self) -> None:
+        """Close this thread's pub/sub connection (one a fork inherited is left alone)."""
+        listeners = self._listeners
+        pubsub = getattr(listeners, "pubsub", None)
+        listeners.pubsub = None
+        if pubsub is not None and listeners.pid == os.getpid():
+            self._close_pubsub(pubsub)
 
     @staticmethod
     def _close_pubsub(pubsub: Any) -> None:

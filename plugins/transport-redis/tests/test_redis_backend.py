@@ -296,6 +296,41 @@ def test_many_waiters_are_each_woken(app):
     assert results == {task_id: n for n, task_id in enumerate(task_ids)}
 
 
+def test_waits_in_a_thread_share_one_pubsub_connection(app):
+    backend = app.backend
+    first, second = new_id(), new_id()
+    backend.store_result(first, 1, states.SUCCESS)
+    backend.store_result(second, 2, states.SUCCESS)
+    assert backend.wait_for(first, timeout=10)["result"] == 1
+    pubsub = backend._listeners.pubsub
+    connection = pubsub.connection
+    assert backend.wait_for(second, timeout=10)["result"] == 2
+    # Not a new connection per wait (a TCP connect and handshake each time).
+    assert backend._listeners.pubsub is pubsub and pubsub.connection is connection
+    backend.close()  # closes it; the next wait opens another
+    assert backend.wait_for(first, timeout=10)["result"] == 1
+    assert backend._listeners.pubsub is not pubsub
+
+
+def test_a_late_message_for_an_earlier_channel_is_not_taken_for_the_result(app, raw):
+    backend = app.backend
+    earlier, waited = new_id(), new_id()
+    backend.store_result(earlier, "earlier", states.SUCCESS)
+    assert backend.wait_for(earlier, timeout=10)["result"] == "earlier"
+    # As if the earlier channel's result were published again before the unsubscribe
+    # took effect: still subscribed to it, and its message waits on the connection.
+    earlier_channel = backend._key(f"celery-task-meta-{earlier}")
+    backend._pubsub().subscribe(earlier_channel)
+    raw.publish(earlier_channel, backend._encode({"status": "SUCCESS", "result": "wrong"}))
+
+    timer = threading.Timer(0.2, backend.store_result, (waited, "right", states.SUCCESS))
+    timer.start()
+    try:
+        assert backend.wait_for(waited, timeout=10)["result"] == "right"
+    finally:
+        timer.join(10)
+
+
 def test_ten_thousand_member_group_is_read_back_in_order(app):
     backend = app.backend
     task_ids = [new_id() for _ in range(10_000)]
