@@ -1,7 +1,8 @@
 """The systems the benchmarks compare, on Redis: kernel, Celery and Dramatiq.
 
 Each peer is an app module written into the run's directory (the same task bodies for
-all: a no-op that counts itself in Redis, and an echo for round trips), a worker
+all: a no-op that counts itself in Redis, an echo for round trips, and for kernel and
+Celery a sum for chord bodies), a worker
 command line per pool, and a client that publishes or calls. Their settings are the
 documented ones, listed here and printed with the results:
 
@@ -42,6 +43,10 @@ def noop(i):
 @app.task(name="bench.echo")
 def echo(i):
     return i
+
+@app.task(name="bench.total")
+def total(values):
+    return sum(values)
 """
 
 CELERY = """
@@ -64,6 +69,10 @@ def noop(i):
 @app.task(name="bench.echo")
 def echo(i):
     return i
+
+@app.task(name="bench.total")
+def total(values):
+    return sum(values)
 """
 
 DRAMATIQ = """
@@ -146,4 +155,11 @@ ROUND_TRIP = {
         "from benchdramatiq import echo\n"
         "call = lambda i: echo.send(i).get_result(block=True, timeout=30000)"
     ),
+}
+
+#: Client code: a chord of N echo tasks with a sum as its body, timed from the call to
+#: the body's result (kernel and Celery only: Dramatiq has no chord).
+CHORD = {
+    "kernel": "from kernel import chord\nfrom benchkernel import echo, total",
+    "celery": "from celery import chord\nfrom benchcelery import echo, total",
 }

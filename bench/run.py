@@ -9,6 +9,12 @@ again; reported as medians and as ratios kernel/peer):
   (main process and its children).
 - ``latency``: sequential ``delay().get()`` round trips of an echo task on a solo
   worker (Dramatiq: 1 process x 1 thread) with results in Redis; p50/p90/p99 ms.
+- ``chord``: a chord of ``--chord-size`` echo tasks (default 1,000) with a sum as its
+  body, on a prefork worker of concurrency 2 with results in Redis; seconds from the
+  call to the body's result (kernel and Celery; Dramatiq has no chord).
+- ``memory`` (not run by default: long): ``--memory-tasks`` no-op tasks (default
+  200,000) drained by a prefork worker of concurrency 2; its RSS (main process plus
+  children) once a tenth of them are done and at the end, and the growth between.
 
 Also prints Redis's own ceiling (``redis-benchmark`` LPUSH and RPOP on one
 connection). Results go to ``bench/results/`` as JSON lines (the first line describes
@@ -16,7 +22,8 @@ the run), a Markdown table and a chart (``latest.md`` and ``latest.png`` are the
 run's). Numbers are printed, never asserted.
 
 Usage: ``uv run --group bench python bench/run.py [--tasks 20000] [--round-trips 1000]
-[--repeat 3] [--scenarios throughput,latency] [--peers kernel,celery,dramatiq]``;
+[--repeat 3] [--scenarios throughput,latency,chord,memory] [--chord-size 1000]
+[--memory-tasks 200000] [--peers kernel,celery,dramatiq]``;
 ``--report RUN.jsonl`` rebuilds the table and chart of a saved run without measuring.
 """
 
@@ -37,7 +44,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from peers import COUNTER, PUBLISH, ROUND_TRIP, SETTINGS, worker_command, write_modules
+from peers import CHORD, COUNTER, PUBLISH, ROUND_TRIP, SETTINGS, worker_command, write_modules
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -63,6 +70,19 @@ for i in range(n):
     call(i)
     times.append(time.perf_counter() - started)
 print(json.dumps({{"times": times}}))
+"""
+
+
+CHORD_CLIENT = """
+import json, sys, time
+{setup}
+n = int(sys.argv[1])
+assert chord([echo.s(i) for i in range(10)])(total.s()).get(timeout=120) == 45  # warm-up
+started = time.perf_counter()
+value = chord([echo.s(i) for i in range(n)])(total.s()).get(timeout=1200)
+seconds = time.perf_counter() - started
+assert value == n * (n - 1) // 2, value
+print(json.dumps({{"seconds": seconds}}))
 """
 
 
@@ -194,6 +214,46 @@ class Bench:
             }
         )
 
+    def chord(self, peer: str, size: int, round_: int) -> None:
+        if peer not in CHORD:
+            return  # Dramatiq has no chord
+        self.redis.flushdb()
+        label = f"chord-{peer}-{round_}"
+        proc = self.start_worker(peer, "prefork", 2, True, label)
+        try:
+            measured = self.client(CHORD_CLIENT, CHORD[peer], size, True)
+        finally:
+            self.stop_worker(proc)
+        row = {"scenario": "chord", "peer": peer, "round": round_, "size": size}
+        row["seconds"] = measured["seconds"]
+        self.record(row)
+
+    def memory(self, peer: str, tasks: int, round_: int, timeout: float) -> None:
+        self.redis.flushdb()
+        self.client(PUBLISH_CLIENT, PUBLISH[peer], tasks, results=False)
+        label = f"memory-{peer}-{round_}"
+        proc = self.start_worker(peer, "prefork", 2, False, label)
+        early = late = None
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                done = int(self.redis.get(COUNTER) or 0)
+                if early is None and done >= tasks // 10:
+                    early = tree_rss_mb(proc.pid)
+                if done >= tasks:
+                    late = tree_rss_mb(proc.pid)
+                    break
+                time.sleep(0.05)
+        finally:
+            self.stop_worker(proc)
+        row = {"scenario": "memory", "peer": peer, "round": round_, "tasks": tasks}
+        if early is not None and late is not None:
+            row.update(rss_early_mb=round(early, 1), rss_late_mb=round(late, 1))
+            row["growth_mb"] = round(late - early, 1)
+        else:
+            row["error"] = f"not drained within {timeout}s; see {label}.log"
+        self.record(row)
+
 
 def percentile(values: list[float], p: float) -> float:
     index = min(len(values) - 1, max(0, round(p / 100 * len(values)) - 1))
@@ -283,6 +343,12 @@ def median_of(rows: list[dict], scenario: str, peer: str, key: str) -> float | N
     return statistics.median(values) if values else None
 
 
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}"
+
+
 def report(rows: list[dict], peers: list[str], header: list[str]) -> str:
     lines = [*header, ""]
     metrics = [
@@ -292,6 +358,10 @@ def report(rows: list[dict], peers: list[str], header: list[str]) -> str:
         ("latency", "p50_ms", "round trip p50, ms", False),
         ("latency", "p90_ms", "round trip p90, ms", False),
         ("latency", "p99_ms", "round trip p99, ms", False),
+        ("chord", "seconds", "chord to body result, s", False),
+        ("memory", "rss_early_mb", "worker RSS after a tenth of the memory run, MB", False),
+        ("memory", "rss_late_mb", "worker RSS at the end of the memory run, MB", False),
+        ("memory", "growth_mb", "worker RSS growth over the memory run, MB", False),
     ]
     others = [p for p in peers if p != "kernel"]
     columns = [*peers, *(f"kernel/{p}" for p in others)]
@@ -301,7 +371,7 @@ def report(rows: list[dict], peers: list[str], header: list[str]) -> str:
         values = {p: median_of(rows, scenario, p, key) for p in peers}
         if all(v is None for v in values.values()):
             continue
-        cells = [f"{values[p]:,.1f}" if values[p] is not None else "n/a" for p in peers]
+        cells = [_cell(values[p]) for p in peers]
         for p in others:
             k, o = values.get("kernel"), values[p]
             if k and o:
@@ -370,7 +440,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--round-trips", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--scenarios", default="throughput,latency")
+    parser.add_argument("--scenarios", default="throughput,latency,chord")
+    parser.add_argument("--chord-size", type=int, default=1000)
+    parser.add_argument("--memory-tasks", type=int, default=200000)
     parser.add_argument("--peers", default="kernel,celery,dramatiq")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--report", type=Path, help="rebuild a saved run's table and chart")
@@ -388,7 +460,9 @@ def main() -> None:
         f"# Benchmark {stamp}",
         "",
         f"Command: `uv run --group bench python bench/run.py --tasks {options.tasks} "
-        f"--round-trips {options.round_trips} --repeat {options.repeat}`  ",
+        f"--round-trips {options.round_trips} --repeat {options.repeat} "
+        f"--scenarios {options.scenarios} --chord-size {options.chord_size} "
+        f"--memory-tasks {options.memory_tasks}`  ",
         f"Machine: {machine()}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in found.items()) + "  ",
         f"Broker and results: Redis on loopback; medians of {options.repeat} interleaved rounds.  ",
@@ -414,8 +488,15 @@ def main() -> None:
                         bench.throughput(peer, options.tasks, round_, options.timeout)
                     elif scenario == "latency":
                         bench.latency(peer, options.round_trips, round_)
+                    elif scenario == "chord":
+                        bench.chord(peer, options.chord_size, round_)
+                    elif scenario == "memory":
+                        bench.memory(peer, options.memory_tasks, round_, options.timeout * 10)
                     else:
-                        sys.exit(f"unknown scenario {scenario!r}: throughput, latency")
+                        known = "throughput, latency, chord, memory"
+                        sys.exit(f"unknown scenario {scenario!r}: {known}")
+                    if not bench.rows or bench.rows[-1]["peer"] != peer:
+                        continue
                     print(json.dumps(bench.rows[-1]), flush=True)
     table = write_outputs(bench.rows, peers, header, stamp)
     print()
