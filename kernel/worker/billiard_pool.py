@@ -38,20 +38,24 @@ ROUND_INTERVAL = 0.8
 BURST_ROUNDS, BURST_INTERVAL = 10, 0.1
 
 
-class PromptSupervisor(Supervisor):
-    """Replaces dead children like billiard's, and exits as soon as the pool closes."""
+class _Wakeable:
+    """A billiard pool thread whose waits end when it is closed or terminated."""
 
-    def __init__(self, pool: Any) -> None:
-        super().__init__(pool)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._wake = threading.Event()
 
     def close(self) -> None:
-        super().close()
+        super().close()  # type: ignore[misc]
         self._wake.set()
 
     def terminate(self) -> None:
-        super().terminate()
+        super().terminate()  # type: ignore[misc]
         self._wake.set()
+
+
+class PromptSupervisor(_Wakeable, Supervisor):
+    """Replaces dead children like billiard's, and exits as soon as the pool closes."""
 
     def _running(self) -> bool:
         return self._state == RUN and self.pool._state == RUN
@@ -81,32 +85,17 @@ class PromptSupervisor(Supervisor):
             raise
 
 
-class PromptTimeoutHandler(TimeoutHandler):
+class PromptTimeoutHandler(_Wakeable, TimeoutHandler):
     """Checks time limits once a second, like billiard's, and exits when told to."""
 
     #: Seconds between checks of the running jobs' deadlines: billiard's.
     INTERVAL = 1.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._wake = threading.Event()
-
-    def close(self) -> None:
-        super().close()
-        self._wake.set()
-
-    def terminate(self) -> None:
-        super().terminate()
-        self._wake.set()
-
     def body(self) -> None:
-        while self._state == RUN:
-            for _ in self.handle_timeouts():
-                if self._wake.wait(self.INTERVAL):
-                    break
-            else:
-                continue
-            break
+        # handle_timeouts() checks every running job once per step, until closed.
+        for _ in self.handle_timeouts():
+            if self._wake.wait(self.INTERVAL):
+                return
 
 
 class PromptWorker(Worker):
