@@ -45,9 +45,10 @@ return 1
 TAKE = """
 local limit = tonumber(ARGV[1])
 local taken = {}
+local count = 0
 local now = nil
 for i = 3, #KEYS do
-    while #taken < 3 * limit do
+    while count < limit do
         local item = redis.call('RPOP', KEYS[i])
         if not item then
             break
@@ -75,9 +76,10 @@ for i = 3, #KEYS do
         taken[#taken + 1] = i - 2
         taken[#taken + 1] = item
         taken[#taken + 1] = held
+        count = count + 1
     end
 end
-if #taken == 0 then
+if count == 0 then
     return nil
 end
 return taken

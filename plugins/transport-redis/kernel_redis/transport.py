@@ -415,8 +415,8 @@ class LeasedChannel:
         queue is consumed without acks (no window counts those)."""
         if self._no_ack_queues.intersection(queues):
             return 1
-        room = self.qos.can_consume_max_estimate()
-        return max(1, min(self.take_batch, self.take_batch if room is None else room))
+        room = self.qos.can_consume_max_estimate()  # None: no window
+        return self.take_batch if room is None else max(1, min(self.take_batch, room))
 
     def _hold_popped(self, key: str, item: str, message: dict, queue: str) -> None:
         """Record a delivery BRPOP popped. If Redis went away meanwhile, keep the
@@ -550,8 +550,8 @@ class LeasedChannel:
             try:
                 self.connection._deliver(message, queue)
             except BaseException:
-                rest = [m["properties"]["delivery_tag"] for m, _ in taken[position + 1 :]]
-                rest = [tag for tag in rest if tag in self._taken]
+                tags = (m["properties"]["delivery_tag"] for m, _ in taken[position + 1 :])
+                rest = [tag for tag in tags if tag in self._taken]  # recorded by TAKE
                 if rest:
                     self._taken.difference_update(rest)
                     with contextlib.suppress(*self.connection_errors):

@@ -272,6 +272,14 @@ def test_bindings_lost_by_a_redis_restart_are_declared_again(broker):
     )
 
 
+def waiting_queue(broker: Broker, connection: kombu.Connection, count: int) -> Queue:
+    """A new queue holding ``count`` messages, "waiting 0" first."""
+    queue = broker.queue()
+    for n in range(count):
+        broker.publish(connection, queue, f"waiting {n}")
+    return queue
+
+
 def consume_one(connection: kombu.Connection, queue: Queue, no_ack: bool = False):
     """Consume ``queue`` until one message arrives (through the poller: TAKE/BRPOP);
     a prefetch window of one, so that only that message is taken."""
@@ -294,9 +302,7 @@ def test_a_waiting_message_is_taken_and_recorded_in_one_step(broker, monkeypatch
     from kernel_redis.messages import read_stored_delivery
 
     connection = broker.connect()
-    queue = broker.queue()
-    for n in range(3):
-        broker.publish(connection, queue, f"waiting {n}")
+    queue = waiting_queue(broker, connection, 3)
     real = type(connection.default_channel).run_script
 
     def no_separate_hold(self, source, keys, args):
@@ -370,9 +376,7 @@ def drain_once(connection: kombu.Connection) -> None:
 
 def test_one_take_hands_over_as_many_waiting_messages_as_the_prefetch_window_allows(broker):
     connection = broker.connect()
-    queue = broker.queue()
-    for n in range(5):
-        broker.publish(connection, queue, f"waiting {n}")
+    queue = waiting_queue(broker, connection, 5)
     channel = connection.default_channel
     received = []
     with connection.Consumer(queue, callbacks=[lambda body, msg: received.append(msg)]):
@@ -393,9 +397,7 @@ def test_one_take_hands_over_as_many_waiting_messages_as_the_prefetch_window_all
 
 def test_messages_taken_but_not_handed_over_go_back_to_the_front_uncounted(broker):
     connection = broker.connect()
-    queue = broker.queue()
-    for n in range(4):
-        broker.publish(connection, queue, f"waiting {n}")
+    queue = waiting_queue(broker, connection, 4)
     channel = connection.default_channel
     received = []
 
@@ -421,9 +423,7 @@ def test_messages_taken_but_not_handed_over_go_back_to_the_front_uncounted(broke
 
 def test_take_batch_bounds_a_take_without_a_prefetch_window(broker):
     connection = broker.connect(take_batch=2)
-    queue = broker.queue()
-    for n in range(3):
-        broker.publish(connection, queue, f"waiting {n}")
+    queue = waiting_queue(broker, connection, 3)
     received = []
     with connection.Consumer(queue, callbacks=[lambda body, msg: received.append(msg)]):
         drain_once(connection)
