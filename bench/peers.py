@@ -25,17 +25,8 @@ from pathlib import Path
 COUNTER = "bench:done"
 QUEUE = "bench"
 
-KERNEL = """
-import os
-import redis
-from kernel import App
-
-URL = os.environ["BENCH_BROKER"]
-RESULTS = os.environ.get("BENCH_RESULTS") or None
-app = App("benchkernel", broker=URL, backend=RESULTS, task_ignore_result=RESULTS is None,
-          task_default_queue="{queue}")
-counter = redis.Redis.from_url(os.environ["BENCH_COUNTER"])
-
+#: The task bodies, the same for kernel and Celery (both decorate with ``@app.task``).
+APP_TASKS = """
 @app.task(name="bench.noop")
 def noop(i):
     counter.incr("{counter}")
@@ -47,6 +38,18 @@ def echo(i):
 @app.task(name="bench.total")
 def total(values):
     return sum(values)
+"""
+
+KERNEL = """
+import os
+import redis
+from kernel import App
+
+URL = os.environ["BENCH_BROKER"]
+RESULTS = os.environ.get("BENCH_RESULTS") or None
+app = App("benchkernel", broker=URL, backend=RESULTS, task_ignore_result=RESULTS is None,
+          task_default_queue="{queue}")
+counter = redis.Redis.from_url(os.environ["BENCH_COUNTER"])
 """
 
 CELERY = """
@@ -61,18 +64,6 @@ app.conf.task_ignore_result = RESULTS is None
 app.conf.task_default_queue = "{queue}"
 app.conf.worker_hijack_root_logger = False
 counter = redis.Redis.from_url(os.environ["BENCH_COUNTER"])
-
-@app.task(name="bench.noop")
-def noop(i):
-    counter.incr("{counter}")
-
-@app.task(name="bench.echo")
-def echo(i):
-    return i
-
-@app.task(name="bench.total")
-def total(values):
-    return sum(values)
 """
 
 DRAMATIQ = """
@@ -102,8 +93,11 @@ def echo(i):
     return i
 """
 
-MODULES = {"kernel": ("benchkernel", KERNEL), "celery": ("benchcelery", CELERY)}
-MODULES["dramatiq"] = ("benchdramatiq", DRAMATIQ)
+MODULES = {
+    "kernel": ("benchkernel", KERNEL + APP_TASKS),
+    "celery": ("benchcelery", CELERY + APP_TASKS),
+    "dramatiq": ("benchdramatiq", DRAMATIQ),
+}
 
 #: What each peer runs with, printed with the results.
 SETTINGS = {

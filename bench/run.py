@@ -135,6 +135,19 @@ class Bench:
         proc.log = log  # type: ignore[attr-defined]
         return proc
 
+    def client_with_worker(
+        self, worker: tuple[str, str, int, str], template: str, setup: str, argument: int
+    ) -> dict:
+        """Run a client against a fresh database and a worker (peer, pool, concurrency,
+        log label) started before it and stopped after it, results on."""
+        self.redis.flushdb()
+        peer, pool, concurrency, label = worker
+        proc = self.start_worker(peer, pool, concurrency, True, label)
+        try:
+            return self.client(template, setup, argument, True)
+        finally:
+            self.stop_worker(proc)
+
     @staticmethod
     def stop_worker(proc) -> None:
         proc.send_signal(signal.SIGTERM)
@@ -194,13 +207,8 @@ class Bench:
         self.record(row)
 
     def latency(self, peer: str, round_trips: int, round_: int) -> None:
-        self.redis.flushdb()
-        label = f"latency-{peer}-{round_}"
-        proc = self.start_worker(peer, "solo", 1, True, label)
-        try:
-            measured = self.client(ROUND_TRIP_CLIENT, ROUND_TRIP[peer], round_trips, True)
-        finally:
-            self.stop_worker(proc)
+        worker = (peer, "solo", 1, f"latency-{peer}-{round_}")
+        measured = self.client_with_worker(worker, ROUND_TRIP_CLIENT, ROUND_TRIP[peer], round_trips)
         times = sorted(t * 1000 for t in measured["times"])
         self.record(
             {
@@ -217,16 +225,10 @@ class Bench:
     def chord(self, peer: str, size: int, round_: int) -> None:
         if peer not in CHORD:
             return  # Dramatiq has no chord
-        self.redis.flushdb()
-        label = f"chord-{peer}-{round_}"
-        proc = self.start_worker(peer, "prefork", 2, True, label)
-        try:
-            measured = self.client(CHORD_CLIENT, CHORD[peer], size, True)
-        finally:
-            self.stop_worker(proc)
+        worker = (peer, "prefork", 2, f"chord-{peer}-{round_}")
+        measured = self.client_with_worker(worker, CHORD_CLIENT, CHORD[peer], size)
         row = {"scenario": "chord", "peer": peer, "round": round_, "size": size}
-        row["seconds"] = measured["seconds"]
-        self.record(row)
+        self.record({**row, "seconds": measured["seconds"]})
 
     def memory(self, peer: str, tasks: int, round_: int, timeout: float) -> None:
         self.redis.flushdb()
