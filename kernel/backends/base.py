@@ -27,6 +27,7 @@ from kombu.serialization import dumps, loads
 from kernel import states
 from kernel.backends import document
 from kernel.exceptions import ChordError, ConfigurationError, TimeoutError
+from kernel.polling import Backoff
 from kernel.result import AsyncResult, GroupResult, ResultBase, ResultSet, result_from_tuple
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,15 @@ class Backend:
     def wait_for(
         self, task_id: str, timeout: float | None = None, interval: float | None = None
     ) -> dict:
-        """Poll until the task is ready; raise TimeoutError after ``timeout`` seconds."""
-        interval = self.default_interval if interval is None else interval
+        """Poll until the task is ready; raise TimeoutError after ``timeout`` seconds.
+
+        Polls every ``interval`` seconds when given; otherwise 1 ms after the first
+        read, doubling up to :attr:`default_interval` (a short task's result is read
+        within about a millisecond of being stored, a long one costs no more reads)."""
+        if interval is None:
+            pauses = Backoff(self.default_interval)
+        else:
+            pauses = Backoff(interval, first=interval)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             meta = self.get_task_meta(task_id)
@@ -119,7 +127,10 @@ class Backend:
                     f"task {task_id} still {meta['status']} after {timeout}s; "
                     "raise the timeout, or check a worker consumes its queue"
                 )
-            time.sleep(interval)
+            pause = pauses.next()
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            time.sleep(pause)
 
     def forget(self, task_id: str) -> None:
         raise NotImplementedError

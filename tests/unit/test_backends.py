@@ -40,3 +40,48 @@ def test_revoked_and_worker_lost_are_stored_under_celerys_names(kernel_class, mo
     assert (encoded["exc_module"], encoded["exc_type"]) == (module, kernel_class)
     decoded = document.decode_exception(encoded)
     assert type(decoded) is cls and str(decoded) == "why"
+
+
+@pytest.fixture
+def pauses(monkeypatch):
+    """The pauses this thread sleeps, recorded (and slept)."""
+    import threading
+    import time
+
+    recorded, real_sleep, me = [], time.sleep, threading.get_ident()
+
+    def sleep(seconds):
+        if threading.get_ident() == me:
+            recorded.append(round(seconds, 6))
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    return recorded
+
+
+@pytest.fixture
+def sqlite_backend(tmp_path):
+    from kernel import App
+
+    app = App("polls", broker="memory://", backend=f"sqlite:///{tmp_path / 'results.sqlite3'}")
+    yield app.backend
+    app.close()
+
+
+def test_wait_for_polls_1_ms_after_the_first_read_then_doubles_to_default_interval(
+    sqlite_backend, pauses
+):
+    from kernel.exceptions import TimeoutError
+
+    with pytest.raises(TimeoutError):
+        sqlite_backend.wait_for(uuid.uuid4().hex, timeout=0.2)
+    assert pauses[:6] == [0.001, 0.002, 0.004, 0.008, 0.016, 0.032]
+    assert max(pauses) <= sqlite_backend.default_interval
+
+
+def test_wait_for_with_an_interval_polls_at_that_interval(sqlite_backend, pauses):
+    from kernel.exceptions import TimeoutError
+
+    with pytest.raises(TimeoutError):
+        sqlite_backend.wait_for(uuid.uuid4().hex, timeout=0.3, interval=0.03)
+    assert pauses[:3] == [0.03, 0.03, 0.03]

@@ -724,3 +724,44 @@ def test_bad_x_expires_is_refused_naming_the_queue_and_the_value(connect):
     bad = Queue("bad", Exchange("tasks", "direct"), "bad", queue_arguments={"x-expires": 0})
     with pytest.raises(ConfigurationError, match=r"queue 'bad': argument x-expires=0 must be"):
         bad(connect().default_channel).declare()
+
+
+# -- polling -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pauses(monkeypatch):
+    """The pauses this thread sleeps, recorded (and slept)."""
+    import threading
+
+    recorded, real_sleep, me = [], time.sleep, threading.get_ident()
+
+    def sleep(seconds):
+        if threading.get_ident() == me:
+            recorded.append(round(seconds, 6))
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    return recorded
+
+
+def test_empty_polls_pause_1_ms_after_a_delivery_doubling_up_to_polling_interval(connect, pauses):
+    connection = connect(polling_interval=0.008)
+    queue = make_queue()
+    received = []
+    with connection.Consumer([queue], callbacks=[lambda body, m: (received.append(body), m.ack())]):
+        publish(connection, queue, "first")
+        connection.drain_events(timeout=5)
+        assert received == ["first"]
+        pauses.clear()
+        with pytest.raises(TimeoutError):
+            connection.drain_events(timeout=0.1)
+        assert pauses[:5] == [0.001, 0.002, 0.004, 0.008, 0.008]
+        assert max(pauses) <= 0.008
+
+        publish(connection, queue, "second")
+        connection.drain_events(timeout=5)
+        pauses.clear()
+        with pytest.raises(TimeoutError):
+            connection.drain_events(timeout=0.02)
+        assert pauses[:2] == [0.001, 0.002], "a delivery starts the pauses over"
