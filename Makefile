@@ -24,7 +24,7 @@ lint: $(UV)
 docs: $(UV)  ## regenerate the configuration reference from the settings class
 	$(UVRUN) python -c "from kernel.config import reference_markdown as r; print(r(), end='')" > docs/configuration.md
 
-bench: $(UV)  ## kernel against Celery and Dramatiq on Redis (bench/run.py; BENCH_ARGS=...)
+bench: $(UV)  ## kernel against Celery and Dramatiq on one broker (bench/run.py; BENCH_ARGS="--broker sqlite|amqp ...")
 	$(UVRUN) --group bench python bench/run.py $(BENCH_ARGS)
 
 bootstrap: $(UV)

@@ -1,4 +1,4 @@
-"""kernel against Celery and Dramatiq on Redis, side by side in one run (``make bench``).
+"""kernel against Celery and Dramatiq on one broker, side by side in one run (``make bench``).
 
 Scenarios (each repeated with the peers interleaved, kernel, Celery, Dramatiq, then
 again; reported as medians and as ratios kernel/peer):
@@ -8,21 +8,31 @@ again; reported as medians and as ratios kernel/peer):
   1 thread); tasks/s from the first task done to the last. Also the worker's peak RSS
   (main process and its children).
 - ``latency``: sequential ``delay().get()`` round trips of an echo task on a solo
-  worker (Dramatiq: 1 process x 1 thread) with results in Redis; p50/p90/p99 ms.
+  worker (Dramatiq: 1 process x 1 thread) with results stored; p50/p90/p99 ms.
 - ``chord``: a chord of ``--chord-size`` echo tasks (default 1,000) with a sum as its
-  body, on a prefork worker of concurrency 2 with results in Redis; seconds from the
+  body, on a prefork worker of concurrency 2 with results stored; seconds from the
   call to the body's result (kernel and Celery; Dramatiq has no chord).
+- ``io``: ``--io-tasks`` tasks (default 2,000) that each sleep ``--io-sleep`` seconds
+  (default 0.05), published first, then drained by a worker with ``--io-concurrency``
+  (default 100) threads, then again with as many greenlets (gevent; Dramatiq through
+  its ``dramatiq-gevent`` command); tasks/s from the first task done to the last.
 - ``memory`` (not run by default: long): ``--memory-tasks`` no-op tasks (default
   200,000) drained by a prefork worker of concurrency 2; its RSS (main process plus
   children) once a tenth of them are done and at the end, and the growth between.
+
+Brokers (``--broker``, see ``peers.urls``): ``redis`` (default; results in Redis),
+``amqp`` (RabbitMQ on 127.0.0.1:5672; results in Redis) and ``sqlite`` (no server:
+kernel's embedded transport and result store against Celery's ``sqla+sqlite`` and
+``db+sqlite``; Dramatiq has no SQLite broker). Completion is counted in Redis for all.
 
 Also prints Redis's own ceiling (``redis-benchmark`` LPUSH and RPOP on one
 connection). Results go to ``bench/results/`` as JSON lines (the first line describes
 the run), a Markdown table and a chart (``latest.md`` and ``latest.png`` are the last
 run's). Numbers are printed, never asserted.
 
-Usage: ``uv run --group bench python bench/run.py [--tasks 20000] [--round-trips 1000]
-[--repeat 3] [--scenarios throughput,latency,chord,memory] [--chord-size 1000]
+Usage: ``uv run --group bench python bench/run.py [--broker redis] [--tasks 20000]
+[--round-trips 1000] [--repeat 3] [--scenarios throughput,latency,chord,io,memory]
+[--chord-size 1000] [--io-tasks 2000] [--io-sleep 0.05] [--io-concurrency 100]
 [--memory-tasks 200000] [--peers kernel,celery,dramatiq]``;
 ``--report RUN.jsonl`` rebuilds the table and chart of a saved run without measuring.
 """
@@ -44,7 +54,20 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from peers import CHORD, COUNTER, PUBLISH, ROUND_TRIP, SETTINGS, worker_command, write_modules
+from peers import (
+    AMQP_QUEUES,
+    AMQP_URL,
+    BROKERS,
+    CHORD,
+    COUNTER,
+    PUBLISH,
+    PUBLISH_SLEEP,
+    ROUND_TRIP,
+    SETTINGS,
+    urls,
+    worker_command,
+    write_modules,
+)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -87,11 +110,13 @@ print(json.dumps({{"seconds": seconds}}))
 
 
 class Bench:
-    """One benchmark run: its directory, Redis database, and the measurements."""
+    """One benchmark run: its broker, directory, Redis database (the completion
+    counter, and the broker or results where they are Redis), and the measurements."""
 
-    def __init__(self, redis_url: str, workdir: Path, out: Path) -> None:
+    def __init__(self, broker: str, redis_url: str, workdir: Path, out: Path) -> None:
         import redis
 
+        self.broker = broker
         self.redis_url = redis_url
         self.redis = redis.Redis.from_url(redis_url)
         self.workdir = workdir
@@ -99,21 +124,40 @@ class Bench:
         self.rows: list[dict] = []
         write_modules(workdir)
 
-    def env(self, results: bool) -> dict[str, str]:
+    def supports(self, peer: str) -> bool:
+        return urls(self.broker, peer, self.workdir, self.redis_url) is not None
+
+    def env(self, peer: str, results: bool) -> dict[str, str]:
+        found = urls(self.broker, peer, self.workdir, self.redis_url)
+        assert found is not None, f"{peer} has no {self.broker} broker"
+        broker_url, results_url = found
         return {
             **os.environ,
-            "BENCH_BROKER": self.redis_url,
+            "BENCH_BROKER": broker_url,
             "BENCH_COUNTER": self.redis_url,
-            "BENCH_RESULTS": self.redis_url if results else "",
+            "BENCH_RESULTS": results_url if results else "",
             "PYTHONPATH": str(self.workdir),
         }
 
-    def client(self, template: str, setup: str, argument: int, results: bool) -> dict:
+    def reset(self) -> None:
+        """An empty broker and result store, and the completion counter at zero."""
+        self.redis.flushdb()
+        if self.broker == "sqlite":
+            for path in self.workdir.glob("*.sqlite3*"):
+                path.unlink()
+        elif self.broker == "amqp":
+            from kombu import Connection
+
+            with Connection(AMQP_URL) as connection:
+                for queue in AMQP_QUEUES:
+                    connection.default_channel.queue_delete(queue)
+
+    def client(self, peer: str, template: str, setup: str, argument: int, results: bool) -> dict:
         code = template.format(setup=setup)
         done = subprocess.run(
             [sys.executable, "-c", code, str(argument)],
             cwd=self.workdir,
-            env=self.env(results),
+            env=self.env(peer, results),
             capture_output=True,
             text=True,
             timeout=1800,
@@ -127,7 +171,7 @@ class Bench:
         proc = subprocess.Popen(
             worker_command(peer, pool, concurrency),
             cwd=self.workdir,
-            env=self.env(results),
+            env=self.env(peer, results),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -140,11 +184,11 @@ class Bench:
     ) -> dict:
         """Run a client against a fresh database and a worker (peer, pool, concurrency,
         log label) started before it and stopped after it, results on."""
-        self.redis.flushdb()
+        self.reset()
         peer, pool, concurrency, label = worker
         proc = self.start_worker(peer, pool, concurrency, True, label)
         try:
-            return self.client(template, setup, argument, True)
+            return self.client(peer, template, setup, argument, True)
         finally:
             self.stop_worker(proc)
 
@@ -170,10 +214,47 @@ class Bench:
     # -- scenarios -----------------------------------------------------------------------
 
     def throughput(self, peer: str, tasks: int, round_: int, timeout: float) -> None:
-        self.redis.flushdb()
-        published = self.client(PUBLISH_CLIENT, PUBLISH[peer], tasks, results=False)
         label = f"throughput-{peer}-{round_}"
-        proc = self.start_worker(peer, "prefork", 2, False, label)
+        published, drained = self.drain(peer, PUBLISH[peer], tasks, ("prefork", 2), label, timeout)
+        self.record(
+            {
+                "scenario": "throughput",
+                "peer": peer,
+                "round": round_,
+                "tasks": tasks,
+                "publish_per_s": tasks / published,
+                **drained,
+            }
+        )
+
+    def io(self, peer: str, options: argparse.Namespace, round_: int) -> None:
+        setup = f"SLEEP = {options.io_sleep!r}\n" + PUBLISH_SLEEP[peer]
+        for pool in ("threads", "gevent"):
+            label = f"io-{pool}-{peer}-{round_}"
+            worker = (pool, options.io_concurrency)
+            _, drained = self.drain(peer, setup, options.io_tasks, worker, label, options.timeout)
+            drained.pop("peak_rss_mb")
+            self.record(
+                {
+                    "scenario": f"io-{pool}",
+                    "peer": peer,
+                    "round": round_,
+                    "tasks": options.io_tasks,
+                    "sleep_s": options.io_sleep,
+                    "concurrency": options.io_concurrency,
+                    **drained,
+                }
+            )
+
+    def drain(
+        self, peer: str, setup: str, tasks: int, worker: tuple[str, int], label: str, timeout: float
+    ) -> tuple[float, dict]:
+        """Publish ``tasks`` (``setup`` defines ``send``), then start a worker (pool,
+        concurrency) and time it from the first task done to the last: the publishing
+        seconds, and ``drain_per_s`` and ``peak_rss_mb`` (or ``error``)."""
+        self.reset()
+        published = self.client(peer, PUBLISH_CLIENT, setup, tasks, results=False)
+        proc = self.start_worker(peer, *worker, False, label)
         first = last = None
         peak = 0.0
         try:
@@ -191,20 +272,12 @@ class Bench:
             peak = max(peak, tree_rss_mb(proc.pid))
         finally:
             self.stop_worker(proc)
-        row = {
-            "scenario": "throughput",
-            "peer": peer,
-            "round": round_,
-            "tasks": tasks,
-            "publish_per_s": tasks / published["seconds"],
-            "drain_per_s": None,
-            "peak_rss_mb": round(peak, 1),
-        }
+        drained: dict = {"drain_per_s": None, "peak_rss_mb": round(peak, 1)}
         if first is not None and last is not None and last > first[0]:
-            row["drain_per_s"] = (tasks - first[1]) / (last - first[0])
+            drained["drain_per_s"] = (tasks - first[1]) / (last - first[0])
         else:
-            row["error"] = f"not drained within {timeout}s; see {label}.log"
-        self.record(row)
+            drained["error"] = f"not drained within {timeout}s; see {label}.log"
+        return published["seconds"], drained
 
     def latency(self, peer: str, round_trips: int, round_: int) -> None:
         worker = (peer, "solo", 1, f"latency-{peer}-{round_}")
@@ -231,8 +304,8 @@ class Bench:
         self.record({**row, "seconds": measured["seconds"]})
 
     def memory(self, peer: str, tasks: int, round_: int, timeout: float) -> None:
-        self.redis.flushdb()
-        self.client(PUBLISH_CLIENT, PUBLISH[peer], tasks, results=False)
+        self.reset()
+        self.client(peer, PUBLISH_CLIENT, PUBLISH[peer], tasks, results=False)
         label = f"memory-{peer}-{round_}"
         proc = self.start_worker(peer, "prefork", 2, False, label)
         early = late = None
@@ -361,6 +434,8 @@ def report(rows: list[dict], peers: list[str], header: list[str]) -> str:
         ("latency", "p90_ms", "round trip p90, ms", False),
         ("latency", "p99_ms", "round trip p99, ms", False),
         ("chord", "seconds", "chord to body result, s", False),
+        ("io-threads", "drain_per_s", "I/O-bound, threads pool, tasks/s", True),
+        ("io-gevent", "drain_per_s", "I/O-bound, gevent pool, tasks/s", True),
         ("memory", "rss_early_mb", "worker RSS after a tenth of the memory run, MB", False),
         ("memory", "rss_late_mb", "worker RSS at the end of the memory run, MB", False),
         ("memory", "growth_mb", "worker RSS growth over the memory run, MB", False),
@@ -390,22 +465,35 @@ def report(rows: list[dict], peers: list[str], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The chart's bar groups: (scenario, key, label).
+CHART_METRICS = [
+    ("throughput", "publish_per_s", "publish\n(no-op)"),
+    ("throughput", "drain_per_s", "end to end\n(no-op, prefork 2)"),
+    ("io-threads", "drain_per_s", "I/O-bound\n(threads)"),
+    ("io-gevent", "drain_per_s", "I/O-bound\n(gevent)"),
+]
+
+
 def chart(rows: list[dict], peers: list[str], title: str, path: Path) -> None:
-    """A PNG bar chart: publish and end-to-end tasks/s per peer (medians)."""
+    """A PNG bar chart of tasks/s per peer (medians), by scenario measured in the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("publish_per_s", "publish"), ("drain_per_s", "end to end (drain)")]
-    figure, axes = plt.subplots(figsize=(7, 3.6), dpi=110)
+    metrics = [
+        (scenario, key, label)
+        for scenario, key, label in CHART_METRICS
+        if any(median_of(rows, scenario, p, key) for p in peers)
+    ]
+    figure, axes = plt.subplots(figsize=(2 + 1.9 * len(metrics), 3.8), dpi=110)
     width = 0.8 / len(peers)
     for index, peer in enumerate(peers):
-        values = [median_of(rows, "throughput", peer, key) or 0 for key, _ in metrics]
+        values = [median_of(rows, scenario, peer, key) or 0 for scenario, key, _ in metrics]
         positions = [m + (index - (len(peers) - 1) / 2) * width for m in range(len(metrics))]
         bars = axes.bar(positions, values, width, label=peer)
-        axes.bar_label(bars, fmt="{:,.0f}", fontsize=8)
-    axes.set_xticks(range(len(metrics)), [label for _, label in metrics])
+        axes.bar_label(bars, fmt="{:,.0f}", fontsize=7)
+    axes.set_xticks(range(len(metrics)), [label for _, _, label in metrics], fontsize=8)
     axes.set_ylabel("tasks/s (higher is better)")
     axes.set_title(title, fontsize=10)
     axes.legend(frameon=False)
@@ -415,13 +503,19 @@ def chart(rows: list[dict], peers: list[str], title: str, path: Path) -> None:
     plt.close(figure)
 
 
-def write_outputs(rows: list[dict], peers: list[str], header: list[str], stamp: str) -> str:
+BROKER_TITLES = {"redis": "Redis", "amqp": "RabbitMQ", "sqlite": "SQLite (no server)"}
+SCENARIOS = ("throughput", "latency", "chord", "io", "memory")
+
+
+def write_outputs(
+    rows: list[dict], peers: list[str], header: list[str], stamp: str, broker: str
+) -> str:
     """The run's Markdown table and chart, under its stamp and as ``latest``."""
     table = report(rows, peers, header)
-    title = "Redis, prefork concurrency 2, no-op tasks (" + stamp + ")"
+    title = f"{', '.join(peers)} on {BROKER_TITLES[broker]} ({stamp})"
     for name in (stamp, "latest"):
         (RESULTS_DIR / f"{name}.md").write_text(table)
-        if any(r["scenario"] == "throughput" for r in rows):
+        if any(r["scenario"] in ("throughput", "io-threads", "io-gevent") for r in rows):
             chart(rows, peers, title, RESULTS_DIR / f"{name}.png")
     return table
 
@@ -433,74 +527,107 @@ def rebuild(path: Path) -> str:
     if run is None:
         sys.exit(f"{path}: no run description (first line); was it written by bench/run.py?")
     measured = [r for r in rows if r["scenario"] != "run"]
-    return write_outputs(measured, run["peers"], run["header"], run["stamp"])
+    broker = run.get("broker", "redis")  # runs before --broker were all on Redis
+    return write_outputs(measured, run["peers"], run["header"], run["stamp"], broker)
 
 
-def main() -> None:
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
+    parser.add_argument("--broker", default="redis", choices=BROKERS)
+    parser.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379/13",
+        help="the Redis database the run flushes and counts in (and the broker and "
+        "results with --broker redis)",
+    )
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--round-trips", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--scenarios", default="throughput,latency,chord")
+    parser.add_argument("--scenarios", default="throughput,latency,chord,io")
     parser.add_argument("--chord-size", type=int, default=1000)
+    parser.add_argument("--io-tasks", type=int, default=2000)
+    parser.add_argument("--io-sleep", type=float, default=0.05)
+    parser.add_argument("--io-concurrency", type=int, default=100)
     parser.add_argument("--memory-tasks", type=int, default=200000)
     parser.add_argument("--peers", default="kernel,celery,dramatiq")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--report", type=Path, help="rebuild a saved run's table and chart")
     options = parser.parse_args()
-    if options.report is not None:
-        print(rebuild(options.report))
-        return
-    peers = options.peers.split(",")
-    scenarios = options.scenarios.split(",")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"{stamp}.jsonl"
+    unknown = set(options.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        parser.error(f"unknown scenario(s) {names}: use {', '.join(SCENARIOS)}")
+    return options
+
+
+def describe(options: argparse.Namespace, peers: list[str], stamp: str) -> list[str]:
+    """The run's header: command, machine, versions, broker, settings, Redis's ceiling."""
     found = versions()
+    results = {"redis": "Redis", "amqp": "Redis", "sqlite": "each peer's SQLite store"}
     header = [
         f"# Benchmark {stamp}",
         "",
-        f"Command: `uv run --group bench python bench/run.py --tasks {options.tasks} "
-        f"--round-trips {options.round_trips} --repeat {options.repeat} "
-        f"--scenarios {options.scenarios} --chord-size {options.chord_size} "
-        f"--memory-tasks {options.memory_tasks}`  ",
+        f"Command: `uv run --group bench python bench/run.py --broker {options.broker} "
+        f"--tasks {options.tasks} --round-trips {options.round_trips} "
+        f"--repeat {options.repeat} --scenarios {options.scenarios} "
+        f"--chord-size {options.chord_size} --io-tasks {options.io_tasks} "
+        f"--io-sleep {options.io_sleep} --io-concurrency {options.io_concurrency} "
+        f"--memory-tasks {options.memory_tasks} --peers {options.peers}`  ",
         f"Machine: {machine()}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in found.items()) + "  ",
-        f"Broker and results: Redis on loopback; medians of {options.repeat} interleaved rounds.  ",
+        f"Broker: {BROKER_TITLES[options.broker]} on loopback, results in "
+        f"{results[options.broker]}; medians of {options.repeat} interleaved rounds.  ",
         "Settings: " + "; ".join(f"{p}: {SETTINGS[p]}" for p in peers) + ".",
     ]
-    ceiling = redis_ceiling(options.redis)
+    ceiling = redis_ceiling(options.redis) if options.broker == "redis" else {}
     if ceiling:
         header.append(
             "Redis ceiling (redis-benchmark, one connection): "
             + ", ".join(f"{k} {v:,.0f}/s" for k, v in ceiling.items())
             + "."
         )
-    print("\n".join(header), flush=True)
-    with open(out, "w") as described:
-        run = {"scenario": "run", "stamp": stamp, "peers": peers, "header": header}
-        described.write(json.dumps(run) + "\n")
+    return header
+
+
+def measure(bench: Bench, options: argparse.Namespace, scenario: str, peer: str, round_: int):
+    if scenario == "throughput":
+        bench.throughput(peer, options.tasks, round_, options.timeout)
+    elif scenario == "latency":
+        bench.latency(peer, options.round_trips, round_)
+    elif scenario == "chord":
+        bench.chord(peer, options.chord_size, round_)
+    elif scenario == "io":
+        bench.io(peer, options, round_)
+    elif scenario == "memory":
+        bench.memory(peer, options.memory_tasks, round_, options.timeout * 10)
+
+
+def main() -> None:
+    options = parse_options()
+    if options.report is not None:
+        print(rebuild(options.report))
+        return
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"{stamp}.jsonl"
     with tempfile.TemporaryDirectory(prefix="kernel-bench-") as tmp:
-        bench = Bench(options.redis, Path(tmp), out)
+        bench = Bench(options.broker, options.redis, Path(tmp), out)
+        peers = [p for p in options.peers.split(",") if bench.supports(p)]
+        for skipped in sorted(set(options.peers.split(",")) - set(peers)):
+            print(f"{skipped} has no {options.broker} broker: left out of this run")
+        header = describe(options, peers, stamp)
+        print("\n".join(header), flush=True)
+        with open(out, "w") as described:
+            run = {"scenario": "run", "stamp": stamp, "peers": peers, "header": header}
+            described.write(json.dumps({**run, "broker": options.broker}) + "\n")
         for round_ in range(options.repeat):
-            for scenario in scenarios:
+            for scenario in options.scenarios.split(","):
                 for peer in peers:
-                    if scenario == "throughput":
-                        bench.throughput(peer, options.tasks, round_, options.timeout)
-                    elif scenario == "latency":
-                        bench.latency(peer, options.round_trips, round_)
-                    elif scenario == "chord":
-                        bench.chord(peer, options.chord_size, round_)
-                    elif scenario == "memory":
-                        bench.memory(peer, options.memory_tasks, round_, options.timeout * 10)
-                    else:
-                        known = "throughput, latency, chord, memory"
-                        sys.exit(f"unknown scenario {scenario!r}: {known}")
-                    if not bench.rows or bench.rows[-1]["peer"] != peer:
-                        continue
-                    print(json.dumps(bench.rows[-1]), flush=True)
-    table = write_outputs(bench.rows, peers, header, stamp)
+                    before = len(bench.rows)
+                    measure(bench, options, scenario, peer, round_)
+                    for row in bench.rows[before:]:
+                        print(json.dumps(row), flush=True)
+    table = write_outputs(bench.rows, peers, header, stamp, options.broker)
     print()
     print(table)
 
