@@ -96,7 +96,8 @@ from dramatiq.results.backends import RedisBackend
 URL = os.environ["BENCH_BROKER"]
 if URL.startswith("amqp"):
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
-    broker = RabbitmqBroker(url=URL)
+    # pika names the default vhost "/%2F" where kombu writes "//"
+    broker = RabbitmqBroker(url=URL[:-2] + "/%2F" if URL.endswith("//") else URL)
 else:
     from dramatiq.brokers.redis import RedisBroker
     broker = RedisBroker(url=URL)

@@ -1,12 +1,20 @@
 """Execution pools: where tasks run. ``solo`` (in the worker's thread), ``threads``,
 ``prefork`` (billiard child processes).
 
-A pool is given jobs one at a time, never more than its ``limit`` at once (the
+A pool is given jobs one at a time, never more than its ``capacity`` at once (the
 worker keeps the rest reserved, so warm shutdown can hand them back unstarted), and
 reports each job's :class:`~kernel.worker.execute.Outcome`, or the error that lost it,
 through ``on_done``: ``WorkerLostError`` when a child process died,
 ``TimeLimitExceeded`` when the hard time limit killed it, ``Terminated`` when a
-revoke with ``terminate=True`` stopped it.
+revoke with ``terminate=True`` stopped it, :class:`NotStarted` when a job was
+cancelled, or expired, before it began.
+
+``capacity`` is ``limit`` for most pools. The prefork pool takes twice as many: each
+child finds its next job waiting when it finishes one, instead of idling while the
+result travels to the worker and a new job travels back (a third more tasks per
+second on a busy worker). Those queued jobs can still be cancelled
+(:meth:`JobHandle.cancel`): a revoke keeps them from starting, and a warm shutdown
+takes them back, so nothing runs that would not have run without the look-ahead.
 
 What each pool can enforce is declared in its ``PoolSpec.supports``; the worker
 says at start-up which configured controls a pool cannot enforce.
@@ -24,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any
 
 import attrs
@@ -43,6 +52,11 @@ log = logging.getLogger(__name__)
 OnDone = Callable[[Outcome | None, BaseException | None], None]
 
 
+class NotStarted(Exception):
+    """No process began the job: it was cancelled (:meth:`JobHandle.cancel`), or it
+    expired while it waited in the pool."""
+
+
 @attrs.frozen
 class Job:
     """A task to run, in a form that pickles to a child process.
@@ -56,6 +70,9 @@ class Job:
     delivery_info: dict
     soft_time_limit: float | None = None
     time_limit: float | None = None
+    #: Where a prefork child looks, before it begins the job, whether the worker
+    #: cancelled it (-1: it cannot be cancelled).
+    cancel_slot: int = -1
 
 
 def run_job(app: Any, job: Job) -> Outcome:
@@ -97,6 +114,12 @@ def _store_safely(store: Callable[..., Any], *args: Any) -> None:
 class JobHandle:
     """What the worker keeps of a job it handed to a pool: a way to stop it."""
 
+    def cancel(self) -> bool:
+        """Keep the job from starting if no process has begun it yet; True when asked
+        (its ``on_done`` then reports :class:`NotStarted`, or its outcome if it had
+        already begun). Only pools that queue jobs ahead of their processes can."""
+        return False
+
     def terminate(self, signum: int) -> bool:
         """Stop the running job (revoke with ``terminate=True``); False if impossible."""
         return False
@@ -109,6 +132,12 @@ class Pool:
         self.worker = worker
         self.app = worker.app
         self.limit = concurrency
+
+    @property
+    def capacity(self) -> int:
+        """How many jobs the pool takes at once: ``limit`` running, plus any it queues
+        ahead of its processes (their handles can :meth:`~JobHandle.cancel`)."""
+        return self.limit
 
     def start(self) -> None:
         """Create threads or processes."""
@@ -379,11 +408,14 @@ class ThreadsPool(Pool):
 
 #: The app of this prefork child process, set once by the pool's initializer.
 _child_app: Any = None
+#: The cancel flags shared with the worker (:class:`_CancelSlots`), one byte per slot.
+_child_cancelled: Any = None
 
 
-def _child_init(app: Any, worker: Any) -> None:
-    global _child_app
+def _child_init(app: Any, worker: Any, cancelled: Any = None) -> None:
+    global _child_app, _child_cancelled
     _child_app = app
+    _child_cancelled = cancelled
     # Ctrl+C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     app.plugins.hook.kernel_worker_process_init(worker=worker, pid=os.getpid())
@@ -409,13 +441,59 @@ class _ChildGuard(InterruptGuard):
 _child_guard: _ChildGuard | None = None
 
 
-def _child_run(job: Job) -> Outcome:
+#: What a child returns for a job it did not begin: the worker cancelled it (a revoke,
+#: a warm shutdown) or it expired while it waited in the pool.
+NOT_STARTED = "kernel:not-started"
+
+
+def _should_not_start(job: Job) -> bool:
+    if job.cancel_slot >= 0 and _child_cancelled is not None and _child_cancelled[job.cancel_slot]:
+        return True
+    expires = job.decoded.expires
+    return expires is not None and expires <= datetime.now(timezone.utc)
+
+
+def _child_run(job: Job) -> Outcome | str:
     global _child_guard
+    if _should_not_start(job):
+        return NOT_STARTED
     if _child_guard is None:  # after billiard installed its own handler
         _child_guard = _ChildGuard()
         signal.signal(signal.SIGUSR1, _child_guard.on_signal)
         set_interrupt_guard(_child_guard)
     return run_job(_child_app, job)
+
+
+class _CancelSlots:
+    """Flags in memory shared with the children: the worker sets a job's flag to keep
+    it from starting; the child reads it just before beginning the job.
+
+    A slot belongs to one job from ``apply`` until its result arrives; jobs beyond
+    the slots (more than :data:`SIZE` at once, after autoscaling far up) run without
+    one and cannot be cancelled, only terminated."""
+
+    SIZE = 1024
+
+    def __init__(self) -> None:
+        from billiard.sharedctypes import RawArray
+
+        self.flags = RawArray(ctypes.c_byte, self.SIZE)
+        self._free = list(range(self.SIZE - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            return self._free.pop() if self._free else -1
+
+    def give_back(self, slot: int) -> None:
+        if slot >= 0:
+            self.flags[slot] = 0
+            with self._lock:
+                self._free.append(slot)
+
+    def cancel(self, slot: int) -> None:
+        if slot >= 0:
+            self.flags[slot] = 1
 
 
 def _unwrap(error: Any) -> Any:
@@ -427,11 +505,13 @@ def _unwrap(error: Any) -> Any:
 class _PreforkJob(JobHandle):
     """A job on the prefork pool; billiard tells which child accepted it."""
 
-    def __init__(self, pool: PreforkPool) -> None:
+    def __init__(self, pool: PreforkPool, slot: int) -> None:
         self.pool = pool
+        self.slot = slot
         self.pid: int | None = None
         self.pending_signal: int | None = None
         self.finished = False
+        self.cancelled = False
         self.counted = False
         self.lock = threading.Lock()
 
@@ -455,12 +535,24 @@ class _PreforkJob(JobHandle):
         """Its result arrived: its child may run another job now, never signal it."""
         with self.lock:
             self.finished = True
+            slot, self.slot = self.slot, -1
+        self.pool.cancel_slots.give_back(slot)
         self.taken()
+
+    def cancel(self) -> bool:
+        with self.lock:
+            if self.finished or self.slot < 0:
+                return False
+            self.cancelled = True
+            self.pool.cancel_slots.cancel(self.slot)
+            return True
 
     def terminate(self, signum: int) -> bool:
         with self.lock:
             if self.finished:
                 return False
+            if self.pid is None and self.cancelled:
+                return True  # it will not start: a signal would hit the child's next job
             if self.pid is None:  # not started yet: stop it as soon as a child takes it
                 self.pending_signal = signum
                 return True
@@ -479,14 +571,20 @@ class PreforkPool(Pool):
     Time limits are checked about once a second.
     """
 
+    @property
+    def capacity(self) -> int:
+        """One job queued per child besides the one it runs (see the module's doc)."""
+        return self.limit * 2
+
     def start(self) -> None:
         from kernel.worker.billiard_pool import PromptPool
 
         worker = self.worker
+        self.cancel_slots = _CancelSlots()
         self._pool = PromptPool(
             processes=self.limit,
             initializer=_child_init,
-            initargs=(self.app, worker),
+            initargs=(self.app, worker, self.cancel_slots.flags),
             lost_worker_timeout=worker.lost_worker_timeout,
             maxtasksperchild=getattr(worker, "max_tasks_per_child", None) or None,
             max_memory_per_child=getattr(worker, "max_memory_per_child", None) or None,
@@ -502,12 +600,16 @@ class PreforkPool(Pool):
             self.unaccepted += change
 
     def apply(self, job: Job, on_done: OnDone) -> JobHandle:
-        handle = _PreforkJob(self)
+        handle = _PreforkJob(self, self.cancel_slots.take())
+        job = attrs.evolve(job, cancel_slot=handle.slot)
         self.count_unaccepted(+1)
 
-        def succeeded(outcome: Outcome) -> None:
+        def succeeded(outcome: Outcome | str) -> None:
             handle.finish()
-            on_done(outcome, None)
+            if outcome == NOT_STARTED:
+                on_done(None, NotStarted(job.decoded.id))
+            else:
+                on_done(outcome, None)  # type: ignore[arg-type]
 
         def failed(error: Any) -> None:
             handle.finish()

@@ -68,7 +68,7 @@ from kernel.worker.execute import (
     context_for,
     record_failure,
 )
-from kernel.worker.pools import Job, JobHandle, Pool
+from kernel.worker.pools import Job, JobHandle, NotStarted, Pool
 from kernel.worker.ratelimit import RateLimiter
 from kernel.worker.state import RevokedTasks
 
@@ -504,7 +504,7 @@ class Worker(BrokerLink):
                 self.autoscaler.maybe_scale(len(self._reserved), len(self._inflight))
         if self._broker_down:  # an acknowledgement just failed
             return
-        if not recovering and self._reserved and len(self._inflight) >= self.pool.limit:
+        if not recovering and self._reserved and len(self._inflight) >= self.pool.capacity:
             # Slot-bound: work is waiting and every slot is busy, so the next thing
             # that matters is a task finishing; wait for exactly that event, and
             # look at the broker (remote control: revoke, terminate) in between.
@@ -520,7 +520,15 @@ class Worker(BrokerLink):
             self._resumed()
 
     def _drain_inflight(self) -> bool:
-        """Warm or soft shutdown: wait for running tasks; False when the phase timed out."""
+        """Warm or soft shutdown: wait for running tasks; False when the phase timed out.
+
+        Jobs queued in the pool that no process has begun are cancelled first: their
+        messages go back to the broker with the reserved ones."""
+        for tag, handle in list(self._handles.items()):
+            entry = self._inflight.get(tag)
+            # One acknowledged when dispatched (acks_late=False) cannot go back: it runs.
+            if handle is not None and entry is not None and not entry[0].acknowledged:
+                handle.cancel()
         while self._inflight and self._stop_mode != "cold":
             if time.monotonic() >= self._phase_deadline:
                 log.warning(
@@ -759,7 +767,7 @@ class Worker(BrokerLink):
         """Seconds to wait at most before a held message (ETA, rate limit) is due."""
         if self._scheduled:
             limit = min(limit, self._scheduled[0][0] - time.time())
-        if len(self.rate_limits) and self.pool and len(self._inflight) < self.pool.limit:
+        if len(self.rate_limits) and self.pool and len(self._inflight) < self.pool.capacity:
             limit = min(limit, self.rate_limits.next_release() or 0.0)
         return max(0.0, limit)
 
@@ -782,7 +790,8 @@ class Worker(BrokerLink):
             self._consumer.qos(prefetch_count=self.prefetch_count + self._held)
 
     def _expired(self, message: Any, decoded: DecodedTask) -> bool:
-        """Revoke (and ack) a task past its ``expires``; checked on receipt and dispatch."""
+        """Revoke (and ack) a task past its ``expires``; checked on receipt, on dispatch,
+        and by a prefork child about to begin a job that waited in the pool."""
         if decoded.expires is None or decoded.expires > datetime.now(timezone.utc):
             return False
         log.warning(
@@ -792,7 +801,8 @@ class Worker(BrokerLink):
             decoded.expires.isoformat(),
         )
         self._mark_revoked(message, decoded, "expired")
-        self._ack(message)
+        if not message.acknowledged:  # acks_late=False acknowledges at dispatch
+            self._ack(message)
         return True
 
     def _mark_revoked(
@@ -835,7 +845,8 @@ class Worker(BrokerLink):
     def _discard_revoked(self, message: Any, decoded: DecodedTask) -> None:
         log.info("task %s[%s] was revoked; not run", decoded.name, decoded.id)
         self._mark_revoked(message, decoded, "revoked")
-        self._ack(message)
+        if not message.acknowledged:  # acks_late=False acknowledges at dispatch
+            self._ack(message)
 
     def _release_waiting(self) -> None:
         """Move held messages whose ETA came or whose rate-limit token arrived."""
@@ -847,7 +858,7 @@ class Worker(BrokerLink):
             released = True
         if len(self.rate_limits):
             assert self.pool is not None
-            free = self.pool.limit - len(self._inflight)
+            free = self.pool.capacity - len(self._inflight)
             for message, decoded in self.rate_limits.release(free):
                 released = True
                 if decoded.id in self.revoked:
@@ -895,7 +906,15 @@ class Worker(BrokerLink):
             if decoded.id not in wanted:
                 continue
             found.append(decoded.id)
+            handle = self._handles.get(tag)
             if not terminate:
+                if handle is not None and handle.cancel():
+                    log.info(
+                        "task %s[%s] revoked; it is not run unless it already began",
+                        decoded.name,
+                        decoded.id,
+                    )
+                    continue
                 log.info(
                     "task %s[%s] revoked while running; it finishes (use terminate=True "
                     "to stop it)",
@@ -903,7 +922,6 @@ class Worker(BrokerLink):
                     decoded.id,
                 )
                 continue
-            handle = self._handles.get(tag)
             if handle is None or not handle.terminate(signum):
                 log.warning(
                     "task %s[%s]: pool %s cannot terminate a running task; it finishes",
@@ -927,7 +945,7 @@ class Worker(BrokerLink):
         assert self.pool is not None
         while (
             self._reserved
-            and len(self._inflight) < self.pool.limit
+            and len(self._inflight) < self.pool.capacity
             and self._stop_mode is None
             and not self._broker_down
         ):
@@ -999,6 +1017,12 @@ class Worker(BrokerLink):
         if entry is None:  # already returned to the broker by a failing shutdown
             return
         message, decoded = entry
+        if isinstance(error, NotStarted):  # given back by the pool before it began
+            if decoded.id in self.revoked:
+                self._discard_revoked(message, decoded)
+            elif not self._expired(message, decoded):  # a warm shutdown took it back
+                self._reserved.appendleft((message, decoded))  # returned unstarted
+            return
         if terminated_with is not None and error is not None:
             error = Terminated(terminated_with)
         elif isinstance(error, Terminated):  # its child was signalled for another task

@@ -4,6 +4,7 @@ autoscale and the shutdown phases, on real ``kernel worker`` processes (SQLite b
 from __future__ import annotations
 
 import signal
+import sqlite3
 import time
 from collections import Counter
 
@@ -30,6 +31,17 @@ def lines(broker: Broker, kind: str, token: str | None = None) -> list[list[str]
 
 def started(broker: Broker, token: str) -> bool:
     return bool(lines(broker, "start", token))
+
+
+def leased(broker: Broker) -> int:
+    """Messages delivered to a worker and not yet acknowledged."""
+    path = broker.url.removeprefix("sqlite:///")
+    with sqlite3.connect(path, timeout=30) as db:
+        query = (
+            "SELECT COUNT(*) FROM kernel_messages WHERE queue = 'celery' "
+            "AND lease_owner IS NOT NULL"
+        )
+        return db.execute(query).fetchone()[0]
 
 
 # ---------------------------------------------------------------------------- time limits
@@ -117,6 +129,46 @@ def test_revoked_task_that_has_not_started_never_runs(broker: Broker):
     wait_until(lambda: victim.state == "REVOKED", 20, "the revoked task to be marked REVOKED")
     assert send(broker, "pid", "after").get(timeout=20)
     assert not started(broker, "victim")
+
+
+def test_revoke_with_terminate_of_a_task_queued_in_the_pool_spares_the_running_one(
+    broker: Broker,
+):
+    """A prefork pool queues one job per child ahead; terminating the queued one must
+    neither run it nor signal the child busy with another task."""
+    worker = broker.worker("-P", "prefork", "-c", "1", app=APP)
+    blocker = send(broker, "sleeper", "blocker", 2)
+    wait_until(lambda: started(broker, "blocker"), 20, "the blocking task to start")
+    victim = send(broker, "sleeper", "victim", 0)
+    wait_until(lambda: leased(broker) == 2, 20, "the worker to receive the victim")
+    victim.revoke()  # keeps it from starting
+    victim.revoke(terminate=True, signal="SIGKILL")  # must not hit the blocker's child
+    assert blocker.get(timeout=20) == "finished"
+    wait_until(lambda: victim.state == "REVOKED", 20, "the revoked task to be marked REVOKED")
+    assert not started(broker, "victim")
+    assert "it is not run unless it already began" in worker.log()  # cancelled in the pool
+
+
+def test_warm_shutdown_of_prefork_returns_jobs_queued_in_the_pool_unstarted(broker: Broker):
+    worker = broker.worker("-P", "prefork", "-c", "1", app=APP)
+    first = send(broker, "sleeper", "first", 1.5)
+    wait_until(lambda: started(broker, "first"), 20, "the first task to start")
+    queued = [send(broker, "sleeper", f"q{i}", 0) for i in range(3)]
+    # held by the worker: first running, q0 waiting in the pool, q1 (and q2) reserved
+    wait_until(
+        lambda: leased(broker) >= 3,
+        20,
+        "the worker to receive the queued tasks",
+        explain=lambda: f"{leased(broker)} held",
+    )
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit(30) == 0
+    assert first.get(timeout=5) == "finished"
+    assert not any(started(broker, f"q{i}") for i in range(3))
+    broker.worker("-P", "prefork", "-c", "2", app=APP)
+    assert [r.get(timeout=30) for r in queued] == ["finished"] * 3
+    starts = Counter(f[1] for f in lines(broker, "start"))
+    assert starts == {"first": 1, "q0": 1, "q1": 1, "q2": 1}
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
