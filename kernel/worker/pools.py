@@ -70,8 +70,8 @@ class Job:
     delivery_info: dict
     soft_time_limit: float | None = None
     time_limit: float | None = None
-    #: Where a prefork child looks, before it begins the job, whether the worker
-    #: cancelled it (-1: it cannot be cancelled).
+    #: Where a prefork child records that it begins the job, unless the worker
+    #: cancelled it first (-1: it cannot be cancelled).
     cancel_slot: int = -1
 
 
@@ -408,23 +408,31 @@ class ThreadsPool(Pool):
 
 #: The app of this prefork child process, set once by the pool's initializer.
 _child_app: Any = None
-#: The cancel flags shared with the worker (:class:`_CancelSlots`), one byte per slot.
-_child_cancelled: Any = None
+#: The job states shared with the worker (:class:`_StartSlots`).
+_child_slots: _StartSlots | None = None
 
 
-def _child_init(app: Any, worker: Any, cancelled: Any = None) -> None:
-    global _child_app, _child_cancelled
+def _child_init(app: Any, worker: Any, slots: _StartSlots | None = None) -> None:
+    global _child_app, _child_slots
     _child_app = app
-    _child_cancelled = cancelled
+    _child_slots = slots
     # Ctrl+C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     app.plugins.hook.kernel_worker_process_init(worker=worker, pid=os.getpid())
 
 
 class _ChildGuard(InterruptGuard):
-    """Billiard signals a soft time limit with SIGUSR1: raise only inside the body."""
+    """Billiard signals a soft time limit with SIGUSR1: raise only inside the body.
+
+    The signal goes to a process, not a job: one sent for a task that finished an
+    instant before reaches the child's next task (queued ahead, it began at once).
+    Billiard counts a limit from when it hears the job began, later than the child
+    began it, so a signal that comes sooner after the start than the current task's
+    own soft limit was meant for the task before; it is ignored."""
 
     armed = False
+    began = 0.0
+    soft_limit: float | None = None
 
     def arm(self) -> None:
         self.armed = True
@@ -433,9 +441,12 @@ class _ChildGuard(InterruptGuard):
         self.armed = False
 
     def on_signal(self, _signum: int, _frame: Any) -> None:
-        if self.armed:
-            self.armed = False  # once per task
-            raise SoftTimeLimitExceeded()
+        if not self.armed:
+            return
+        if self.soft_limit and time.monotonic() - self.began < self.soft_limit:
+            return  # meant for the task this child ran before
+        self.armed = False  # once per task
+        raise SoftTimeLimitExceeded()
 
 
 _child_guard: _ChildGuard | None = None
@@ -447,8 +458,8 @@ NOT_STARTED = "kernel:not-started"
 
 
 def _should_not_start(job: Job) -> bool:
-    if job.cancel_slot >= 0 and _child_cancelled is not None and _child_cancelled[job.cancel_slot]:
-        return True
+    if _child_slots is not None and not _child_slots.start(job.cancel_slot):
+        return True  # cancelled while it waited in the pool
     expires = job.decoded.expires
     return expires is not None and expires <= datetime.now(timezone.utc)
 
@@ -461,39 +472,66 @@ def _child_run(job: Job) -> Outcome | str:
         _child_guard = _ChildGuard()
         signal.signal(signal.SIGUSR1, _child_guard.on_signal)
         set_interrupt_guard(_child_guard)
+    _child_guard.began, _child_guard.soft_limit = time.monotonic(), job.soft_time_limit
     return run_job(_child_app, job)
 
 
-class _CancelSlots:
-    """Flags in memory shared with the children: the worker sets a job's flag to keep
-    it from starting; the child reads it just before beginning the job.
+class _StartSlots:
+    """Whether each queued job began, in memory shared with the children.
 
-    A slot belongs to one job from ``apply`` until its result arrives; jobs beyond
-    the slots (more than :data:`SIZE` at once, after autoscaling far up) run without
-    one and cannot be cancelled, only terminated."""
+    A job's slot is QUEUED from ``apply`` until a child moves it to STARTED just
+    before beginning it, unless the worker moved it to CANCELLED first; one lock
+    shared by the processes makes the two moves exclusive, so the worker knows
+    for sure whether a job it cancelled will run. A slot belongs to one job until
+    its result arrives; jobs beyond :attr:`SIZE` at once (after autoscaling far up)
+    get none and cannot be cancelled, only terminated."""
 
     SIZE = 1024
+    QUEUED, CANCELLED, STARTED = 0, 1, 2
 
     def __init__(self) -> None:
+        import billiard
         from billiard.sharedctypes import RawArray
 
-        self.flags = RawArray(ctypes.c_byte, self.SIZE)
+        self.states = RawArray(ctypes.c_byte, self.SIZE)
+        self.lock = billiard.Lock()
         self._free = list(range(self.SIZE - 1, -1, -1))
-        self._lock = threading.Lock()
+        self._free_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """What a child needs (pools that spawn rather than fork pickle it)."""
+        return {"states": self.states, "lock": self.lock}
 
     def take(self) -> int:
-        with self._lock:
-            return self._free.pop() if self._free else -1
+        with self._free_lock:
+            slot = self._free.pop() if self._free else -1
+        if slot >= 0:
+            self.states[slot] = self.QUEUED
+        return slot
 
     def give_back(self, slot: int) -> None:
         if slot >= 0:
-            self.flags[slot] = 0
-            with self._lock:
+            with self._free_lock:
                 self._free.append(slot)
 
-    def cancel(self, slot: int) -> None:
-        if slot >= 0:
-            self.flags[slot] = 1
+    def cancel(self, slot: int) -> bool:
+        """True if the job will not start (it had not); False if it began."""
+        if slot < 0:
+            return False
+        with self.lock:
+            if self.states[slot] == self.QUEUED:
+                self.states[slot] = self.CANCELLED
+            return self.states[slot] == self.CANCELLED
+
+    def start(self, slot: int) -> bool:
+        """In the child: True if the job may begin (it is now STARTED)."""
+        if slot < 0:
+            return True
+        with self.lock:
+            if self.states[slot] == self.CANCELLED:
+                return False
+            self.states[slot] = self.STARTED
+            return True
 
 
 def _unwrap(error: Any) -> Any:
@@ -518,7 +556,8 @@ class _PreforkJob(JobHandle):
     def accepted(self, pid: int, _time: float) -> None:  # billiard's result thread
         with self.lock:
             self.pid = pid
-            signum = None if self.finished else self.pending_signal
+            stopped = self.finished or self.cancelled  # its child already moved on
+            signum = None if stopped else self.pending_signal
         self.taken()
         if signum is not None:
             self.pool.terminate_job(pid, signum)
@@ -536,24 +575,25 @@ class _PreforkJob(JobHandle):
         with self.lock:
             self.finished = True
             slot, self.slot = self.slot, -1
-        self.pool.cancel_slots.give_back(slot)
+        self.pool.start_slots.give_back(slot)
         self.taken()
 
     def cancel(self) -> bool:
+        """True when the job will not start; False when a child began it (or it ended)."""
         with self.lock:
             if self.finished or self.slot < 0:
                 return False
-            self.cancelled = True
-            self.pool.cancel_slots.cancel(self.slot)
-            return True
+            if not self.cancelled:
+                self.cancelled = self.pool.start_slots.cancel(self.slot)
+            return self.cancelled
 
     def terminate(self, signum: int) -> bool:
+        if self.cancel():
+            return True  # it will never start: there is nothing to signal
         with self.lock:
             if self.finished:
                 return False
-            if self.pid is None and self.cancelled:
-                return True  # it will not start: a signal would hit the child's next job
-            if self.pid is None:  # not started yet: stop it as soon as a child takes it
+            if self.pid is None:  # begun, but billiard has not said in which child yet
                 self.pending_signal = signum
                 return True
             pid = self.pid
@@ -580,11 +620,11 @@ class PreforkPool(Pool):
         from kernel.worker.billiard_pool import PromptPool
 
         worker = self.worker
-        self.cancel_slots = _CancelSlots()
+        self.start_slots = _StartSlots()
         self._pool = PromptPool(
             processes=self.limit,
             initializer=_child_init,
-            initargs=(self.app, worker, self.cancel_slots.flags),
+            initargs=(self.app, worker, self.start_slots),
             lost_worker_timeout=worker.lost_worker_timeout,
             maxtasksperchild=getattr(worker, "max_tasks_per_child", None) or None,
             max_memory_per_child=getattr(worker, "max_memory_per_child", None) or None,
@@ -600,7 +640,7 @@ class PreforkPool(Pool):
             self.unaccepted += change
 
     def apply(self, job: Job, on_done: OnDone) -> JobHandle:
-        handle = _PreforkJob(self, self.cancel_slots.take())
+        handle = _PreforkJob(self, self.start_slots.take())
         job = attrs.evolve(job, cancel_slot=handle.slot)
         self.count_unaccepted(+1)
 

@@ -504,7 +504,7 @@ class Worker(BrokerLink):
                 self.autoscaler.maybe_scale(len(self._reserved), len(self._inflight))
         if self._broker_down:  # an acknowledgement just failed
             return
-        if not recovering and self._reserved and len(self._inflight) >= self.pool.capacity:
+        if not recovering and self._slot_bound():
             # Slot-bound: work is waiting and every slot is busy, so the next thing
             # that matters is a task finishing; wait for exactly that event, and
             # look at the broker (remote control: revoke, terminate) in between.
@@ -767,7 +767,7 @@ class Worker(BrokerLink):
         """Seconds to wait at most before a held message (ETA, rate limit) is due."""
         if self._scheduled:
             limit = min(limit, self._scheduled[0][0] - time.time())
-        if len(self.rate_limits) and self.pool and len(self._inflight) < self.pool.capacity:
+        if len(self.rate_limits) and self.pool and len(self._inflight) < self.pool.limit:
             limit = min(limit, self.rate_limits.next_release() or 0.0)
         return max(0.0, limit)
 
@@ -858,7 +858,7 @@ class Worker(BrokerLink):
             released = True
         if len(self.rate_limits):
             assert self.pool is not None
-            free = self.pool.capacity - len(self._inflight)
+            free = self.pool.limit - len(self._inflight)
             for message, decoded in self.rate_limits.release(free):
                 released = True
                 if decoded.id in self.revoked:
@@ -955,10 +955,37 @@ class Worker(BrokerLink):
                 continue
             if self._expired(message, decoded):
                 continue
+            if len(self._inflight) >= self.pool.limit and not self._may_wait_in_pool(decoded):
+                self._reserved.appendleft((message, decoded))  # until a process is free
+                return
             if not self.rate_limits.admit(decoded.name, (message, decoded)):
                 self._update_prefetch()  # waits for a token; other types go on
                 continue
             self._dispatch_one(message, decoded)
+
+    def _may_wait_in_pool(self, decoded: DecodedTask) -> bool:
+        """Whether a task may be handed to a pool whose processes are all busy (the
+        prefork look-ahead, ``Pool.capacity``). Not one acknowledged when dispatched
+        (``acks_late=False``): a cold shutdown would lose it unstarted. Not one with a
+        rate limit: its token is taken at dispatch, so queued ones would start back
+        to back, above the rate."""
+        task = self.app.tasks.get(decoded.name)
+        return (
+            task is not None
+            and bool(task.option("acks_late"))
+            and not self.rate_limits.limited(decoded.name)
+        )
+
+    def _slot_bound(self) -> bool:
+        """Work is reserved and the pool takes none of it now: what matters next is a
+        task finishing."""
+        assert self.pool is not None
+        if not self._reserved:
+            return False
+        running = len(self._inflight)
+        if running >= self.pool.capacity:
+            return True
+        return running >= self.pool.limit and not self._may_wait_in_pool(self._reserved[0][1])
 
     def _dispatch_one(self, message: Any, decoded: DecodedTask) -> None:
         assert self.pool is not None
@@ -1006,7 +1033,7 @@ class Worker(BrokerLink):
                 tag, outcome, error = self._completed.get_nowait()
             except queue_module.Empty:
                 return
-            if cold_shutdown and error is not None:
+            if cold_shutdown and error is not None and not isinstance(error, NotStarted):
                 continue  # stopped by us: closing the channel returns it, not counted
             self._complete(tag, outcome, error)
 

@@ -131,8 +131,9 @@ def test_revoked_task_that_has_not_started_never_runs(broker: Broker):
     assert not started(broker, "victim")
 
 
+@pytest.mark.parametrize("plain_revoke_first", [False, True])
 def test_revoke_with_terminate_of_a_task_queued_in_the_pool_spares_the_running_one(
-    broker: Broker,
+    broker: Broker, plain_revoke_first: bool
 ):
     """A prefork pool queues one job per child ahead; terminating the queued one must
     neither run it nor signal the child busy with another task."""
@@ -141,12 +142,31 @@ def test_revoke_with_terminate_of_a_task_queued_in_the_pool_spares_the_running_o
     wait_until(lambda: started(broker, "blocker"), 20, "the blocking task to start")
     victim = send(broker, "sleeper", "victim", 0)
     wait_until(lambda: leased(broker) == 2, 20, "the worker to receive the victim")
-    victim.revoke()  # keeps it from starting
+    if plain_revoke_first:
+        victim.revoke()  # keeps it from starting
     victim.revoke(terminate=True, signal="SIGKILL")  # must not hit the blocker's child
     assert blocker.get(timeout=20) == "finished"
     wait_until(lambda: victim.state == "REVOKED", 20, "the revoked task to be marked REVOKED")
     assert not started(broker, "victim")
-    assert "it is not run unless it already began" in worker.log()  # cancelled in the pool
+    assert "it is not run unless it already began" in worker.log() or not plain_revoke_first
+
+
+def test_early_acknowledged_task_waits_for_a_free_child_and_survives_a_warm_shutdown(
+    broker: Broker,
+):
+    """acks_late=False is acknowledged when handed to the pool, so it is never queued
+    ahead of a busy child: held unacknowledged, a warm shutdown hands it back."""
+    worker = broker.worker("-P", "prefork", "-c", "1", app=APP)
+    send(broker, "sleeper", "blocker", 1.5)
+    wait_until(lambda: started(broker, "blocker"), 20, "the blocking task to start")
+    early = send(broker, "early_ack", "early")
+    wait_until(lambda: leased(broker) == 2, 20, "the worker to receive it (unacknowledged)")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit(30) == 0
+    assert not started(broker, "early")
+    broker.worker("-P", "prefork", "-c", "1", app=APP)
+    assert early.get(timeout=20) == "early"
+    assert len(lines(broker, "start", "early")) == 1
 
 
 def test_warm_shutdown_of_prefork_returns_jobs_queued_in_the_pool_unstarted(broker: Broker):

@@ -44,6 +44,13 @@ def sleeper(token, seconds):
     return "finished"
 
 
+@app.task(acks_late=False)
+def early_ack(token):
+    """Acknowledged when handed to the pool: never queued ahead of a busy child."""
+    _record(f"start {token} {os.getpid()} {time.time()}")
+    return token
+
+
 @app.task(soft_time_limit=1)
 def soft_limited(token, seconds):
     """The task's own soft limit; does not catch it, so it fails."""
