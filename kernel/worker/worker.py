@@ -27,6 +27,7 @@ reconnects with back-off and resumes, and no acknowledgement is forgotten.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -1024,18 +1025,28 @@ class Worker(BrokerLink):
             item = self._completed.get(timeout=timeout)
         except queue_module.Empty:
             return
-        self._complete(*item)
-        self._complete_finished()
+        with self._batched_acks():
+            self._complete(*item)
+            self._complete_finished()
 
     def _complete_finished(self, cold_shutdown: bool = False) -> None:
-        while True:
-            try:
-                tag, outcome, error = self._completed.get_nowait()
-            except queue_module.Empty:
-                return
-            if cold_shutdown and error is not None and not isinstance(error, NotStarted):
-                continue  # stopped by us: closing the channel returns it, not counted
-            self._complete(tag, outcome, error)
+        with self._batched_acks():
+            while True:
+                try:
+                    tag, outcome, error = self._completed.get_nowait()
+                except queue_module.Empty:
+                    return
+                if cold_shutdown and error is not None and not isinstance(error, NotStarted):
+                    continue  # stopped by us: closing the channel returns it, not counted
+                self._complete(tag, outcome, error)
+
+    def _batched_acks(self) -> Any:
+        """The channel's ``batched_acks()`` where the transport has one (Redis: the
+        acknowledgements of every task finished since the last turn in one round
+        trip), else nothing."""
+        channel = getattr(self._consumer, "channel", None)
+        batched = getattr(channel, "batched_acks", None)
+        return batched() if batched is not None else contextlib.nullcontext()
 
     def _complete(self, tag: str, outcome: Any, error: BaseException | None) -> None:
         entry = self._inflight.pop(tag, None)

@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 class QoS(KombuRedisQoS):
     """kombu's Redis QoS with server-clock leases, deferred acks and counted restores."""
 
+    #: Tags acknowledged inside the channel's ``batched_acks()``: removed from Redis
+    #: together, in one round trip, when it ends.
+    _ack_batch: list[str] | None = None
+
     def append(self, message: Any, delivery_tag: str) -> None:
         channel = self.channel
         if not channel.was_taken(delivery_tag):  # TAKE records most deliveries itself
@@ -34,19 +38,35 @@ class QoS(KombuRedisQoS):
         channel.keep_leases()
 
     def ack(self, delivery_tag: str) -> None:
+        if self._ack_batch is not None:
+            self._ack_batch.append(delivery_tag)
+        else:
+            self._remove_acked([delivery_tag])
+        virtual.QoS.ack(self, delivery_tag)
+
+    def flush_acks(self) -> None:
+        """End a batch: remove the messages acknowledged in it, in one round trip."""
+        tags, self._ack_batch = self._ack_batch, None
+        if tags:
+            self._remove_acked(tags)
+
+    def _remove_acked(self, tags: list[str]) -> None:
         try:
-            self._remove_from_indices(delivery_tag).execute()
+            with self.pipe_or_acquire() as pipe:
+                for tag in tags:
+                    self._remove_from_indices(tag, pipe)
+                pipe.execute()
         except self.channel.connection_errors as exc:
             keeper = self.channel.keep_leases()
-            keeper.defer_ack(delivery_tag)
+            for tag in tags:
+                keeper.defer_ack(tag)
             logger.warning(
-                "redis transport: could not ack message %s (%s: %s); its lease is kept "
-                "and the ack is sent when Redis answers again",
-                delivery_tag,
+                "redis transport: could not ack %d message(s) (%s: %s); their leases are "
+                "kept and the acks are sent when Redis answers again",
+                len(tags),
                 type(exc).__name__,
                 exc,
             )
-        virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:

@@ -175,6 +175,22 @@ class LeasedChannel:
         steps = list(self.priority_steps)
         return steps if self.priority_lowest_first else steps[::-1]
 
+    @contextlib.contextmanager
+    def batched_acks(self) -> Iterator[None]:
+        """Acknowledgements made inside reach Redis together, in one round trip, when
+        the block ends (the worker settles every task that finished since its last
+        turn in one). A process that dies inside the block leaves them unacknowledged:
+        their messages come back, as for a task that was still running."""
+        qos = self.qos
+        if qos._ack_batch is not None:  # nested: the outer block sends them
+            yield
+            return
+        qos._ack_batch = []
+        try:
+            yield
+        finally:
+            qos.flush_acks()
+
     # -- leases (the LeaseKeeper's side of the channel) ------------------------------
 
     def keep_leases(self) -> LeaseKeeper:

@@ -430,3 +430,49 @@ def test_take_batch_bounds_a_take_without_a_prefetch_window(broker):
         assert [m.payload for m in received] == ["waiting 0", "waiting 1"]
         for message in received:
             message.ack()
+
+
+def test_acks_inside_batched_acks_reach_redis_together_when_the_block_ends(broker, monkeypatch):
+    connection = broker.connect()
+    queue = waiting_queue(broker, connection, 3)
+    channel = connection.default_channel
+    messages = [broker.get(connection, queue) for _ in range(3)]
+    executes = []
+    real_execute = redis.client.Pipeline.execute
+
+    def counted(self, *args, **kwargs):
+        executes.append(len(self.command_stack))
+        return real_execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counted)
+    with channel.batched_acks():
+        for message in messages:
+            message.ack()
+        assert broker.raw.hlen("unacked") == 3  # not sent yet
+    assert executes == [6]  # one round trip: ZREM and HDEL for each of the three
+    assert broker.raw.hlen("unacked") == 0
+
+
+def test_a_batch_of_acks_that_fails_while_redis_is_unreachable_is_sent_later(broker, monkeypatch):
+    connection = broker.connect(visibility_timeout=0.6)
+    queue = waiting_queue(broker, connection, 2)
+    channel = connection.default_channel
+    messages = [broker.get(connection, queue) for _ in range(2)]
+    qos = channel.qos
+    real = type(qos)._remove_from_indices
+    failures = iter([redis.ConnectionError("Redis went away")])
+
+    def flaky(self, delivery_tag, pipe=None):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real(self, delivery_tag, pipe)
+
+    monkeypatch.setattr(type(qos), "_remove_from_indices", flaky)
+    with channel.batched_acks():  # does not raise: both deferred
+        for message in messages:
+            message.ack()
+
+    assert wait_for(lambda: broker.raw.hlen("unacked") == 0, timeout=5)
+    # Never restored meanwhile: the leases were kept until the acks went through.
+    assert queue(broker.connect().default_channel).get(no_ack=False) is None
