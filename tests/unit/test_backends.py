@@ -43,23 +43,6 @@ def test_revoked_and_worker_lost_are_stored_under_celerys_names(kernel_class, mo
 
 
 @pytest.fixture
-def pauses(monkeypatch):
-    """The pauses this thread sleeps, recorded (and slept)."""
-    import threading
-    import time
-
-    recorded, real_sleep, me = [], time.sleep, threading.get_ident()
-
-    def sleep(seconds):
-        if threading.get_ident() == me:
-            recorded.append(round(seconds, 6))
-        real_sleep(seconds)
-
-    monkeypatch.setattr(time, "sleep", sleep)
-    return recorded
-
-
-@pytest.fixture
 def sqlite_backend(tmp_path):
     from kernel import App
 

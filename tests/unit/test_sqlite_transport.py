@@ -729,22 +729,6 @@ def test_bad_x_expires_is_refused_naming_the_queue_and_the_value(connect):
 # -- polling -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pauses(monkeypatch):
-    """The pauses this thread sleeps, recorded (and slept)."""
-    import threading
-
-    recorded, real_sleep, me = [], time.sleep, threading.get_ident()
-
-    def sleep(seconds):
-        if threading.get_ident() == me:
-            recorded.append(round(seconds, 6))
-        real_sleep(seconds)
-
-    monkeypatch.setattr(time, "sleep", sleep)
-    return recorded
-
-
 def test_empty_polls_pause_1_ms_after_a_delivery_doubling_up_to_polling_interval(connect, pauses):
     connection = connect(polling_interval=0.008)
     queue = make_queue()

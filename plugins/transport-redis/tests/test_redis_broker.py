@@ -232,12 +232,8 @@ def test_global_keyprefix_prefixes_every_key_and_leases_still_work(broker):
     assert broker.raw.hlen(f"{prefix}unacked") == 0
 
 
-def test_an_ack_that_fails_while_redis_is_unreachable_is_sent_later(broker, monkeypatch):
-    connection = broker.connect(visibility_timeout=0.6)
-    queue = broker.queue()
-    broker.publish(connection, queue, "done during an outage")
-    message = broker.get(connection, queue)
-    qos = connection.default_channel.qos
+def fail_the_next_removal(monkeypatch, qos) -> None:
+    """The next removal of an acknowledged message from Redis fails as if Redis went away."""
     real = type(qos)._remove_from_indices
     failures = iter([redis.ConnectionError("Redis went away")])
 
@@ -248,6 +244,14 @@ def test_an_ack_that_fails_while_redis_is_unreachable_is_sent_later(broker, monk
         return real(self, delivery_tag, pipe)
 
     monkeypatch.setattr(type(qos), "_remove_from_indices", flaky)
+
+
+def test_an_ack_that_fails_while_redis_is_unreachable_is_sent_later(broker, monkeypatch):
+    connection = broker.connect(visibility_timeout=0.6)
+    queue = broker.queue()
+    broker.publish(connection, queue, "done during an outage")
+    message = broker.get(connection, queue)
+    fail_the_next_removal(monkeypatch, connection.default_channel.qos)
     message.ack()  # does not raise: deferred
 
     assert wait_for(lambda: broker.raw.hlen("unacked") == 0, timeout=5)
@@ -458,17 +462,7 @@ def test_a_batch_of_acks_that_fails_while_redis_is_unreachable_is_sent_later(bro
     queue = waiting_queue(broker, connection, 2)
     channel = connection.default_channel
     messages = [broker.get(connection, queue) for _ in range(2)]
-    qos = channel.qos
-    real = type(qos)._remove_from_indices
-    failures = iter([redis.ConnectionError("Redis went away")])
-
-    def flaky(self, delivery_tag, pipe=None):
-        error = next(failures, None)
-        if error is not None:
-            raise error
-        return real(self, delivery_tag, pipe)
-
-    monkeypatch.setattr(type(qos), "_remove_from_indices", flaky)
+    fail_the_next_removal(monkeypatch, channel.qos)
     with channel.batched_acks():  # does not raise: both deferred
         for message in messages:
             message.ack()
