@@ -469,4 +469,10 @@ def test_celery_declares_a_quorum_queue_a_kernel_process_declared_first(
     client.conf.task_queues = [Queue(name, queue_arguments={"x-queue-type": "quorum"})]
     client.conf.task_default_queue = name
     client.send_task("interop.nothing", queue=name)  # PRECONDITION_FAILED before the fix
-    assert broker.count(name) == 2
+    # Celery publishes without confirms and a quorum queue counts a moment later.
+    wait_until(
+        lambda: broker.count(name) == 2,
+        5,
+        "both messages in the quorum queue",
+        explain=lambda: f"{broker.count(name)} counted",
+    )
