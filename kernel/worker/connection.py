@@ -346,8 +346,8 @@ class BrokerLink:
         does when a connection dies; a message whose channel was replaced is left to
         that redelivery).
         """
-        if id(message) in self._unsettled:
-            return  # already decided, waiting for the broker
+        if message.acknowledged or id(message) in self._unsettled:
+            return  # already settled (acks_late=False: at dispatch), or waiting for the broker
         label = _message_label(message)
         if self._consumer is not None and message.channel is not self._consumer.channel:
             log.info(

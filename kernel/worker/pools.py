@@ -70,9 +70,6 @@ class Job:
     delivery_info: dict
     soft_time_limit: float | None = None
     time_limit: float | None = None
-    #: Where a prefork child records that it begins the job, unless the worker
-    #: cancelled it first (-1: it cannot be cancelled).
-    cancel_slot: int = -1
 
 
 def run_job(app: Any, job: Job) -> Outcome:
@@ -457,16 +454,18 @@ _child_guard: _ChildGuard | None = None
 NOT_STARTED = "kernel:not-started"
 
 
-def _should_not_start(job: Job) -> bool:
-    if _child_slots is not None and not _child_slots.start(job.cancel_slot):
+def _should_not_start(job: Job, slot: int) -> bool:
+    if _child_slots is not None and not _child_slots.start(slot):
         return True  # cancelled while it waited in the pool
     expires = job.decoded.expires
     return expires is not None and expires <= datetime.now(timezone.utc)
 
 
-def _child_run(job: Job) -> Outcome | str:
+def _child_run(job: Job, slot: int = -1) -> Outcome | str:
+    """Run ``job`` in this child unless it may not start; ``slot`` is its place in
+    the shared start states (-1: none, it cannot be cancelled)."""
     global _child_guard
-    if _should_not_start(job):
+    if _should_not_start(job, slot):
         return NOT_STARTED
     if _child_guard is None:  # after billiard installed its own handler
         _child_guard = _ChildGuard()
@@ -641,7 +640,6 @@ class PreforkPool(Pool):
 
     def apply(self, job: Job, on_done: OnDone) -> JobHandle:
         handle = _PreforkJob(self, self.start_slots.take())
-        job = attrs.evolve(job, cancel_slot=handle.slot)
         self.count_unaccepted(+1)
 
         def succeeded(outcome: Outcome | str) -> None:
@@ -660,7 +658,7 @@ class PreforkPool(Pool):
 
         self._pool.apply_async(
             _child_run,
-            (job,),
+            (job, handle.slot),
             callback=succeeded,
             error_callback=failed,
             accept_callback=handle.accepted,

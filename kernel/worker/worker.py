@@ -802,8 +802,7 @@ class Worker(BrokerLink):
             decoded.expires.isoformat(),
         )
         self._mark_revoked(message, decoded, "expired")
-        if not message.acknowledged:  # acks_late=False acknowledges at dispatch
-            self._ack(message)
+        self._ack(message)
         return True
 
     def _mark_revoked(
@@ -846,8 +845,7 @@ class Worker(BrokerLink):
     def _discard_revoked(self, message: Any, decoded: DecodedTask) -> None:
         log.info("task %s[%s] was revoked; not run", decoded.name, decoded.id)
         self._mark_revoked(message, decoded, "revoked")
-        if not message.acknowledged:  # acks_late=False acknowledges at dispatch
-            self._ack(message)
+        self._ack(message)
 
     def _release_waiting(self) -> None:
         """Move held messages whose ETA came or whose rate-limit token arrived."""
@@ -946,9 +944,9 @@ class Worker(BrokerLink):
         assert self.pool is not None
         while (
             self._reserved
-            and len(self._inflight) < self.pool.capacity
             and self._stop_mode is None
             and not self._broker_down
+            and self._pool_takes(self._reserved[0][1])
         ):
             message, decoded = self._reserved.popleft()
             if decoded.id in self.revoked:
@@ -956,20 +954,23 @@ class Worker(BrokerLink):
                 continue
             if self._expired(message, decoded):
                 continue
-            if len(self._inflight) >= self.pool.limit and not self._may_wait_in_pool(decoded):
-                self._reserved.appendleft((message, decoded))  # until a process is free
-                return
             if not self.rate_limits.admit(decoded.name, (message, decoded)):
                 self._update_prefetch()  # waits for a token; other types go on
                 continue
             self._dispatch_one(message, decoded)
 
-    def _may_wait_in_pool(self, decoded: DecodedTask) -> bool:
-        """Whether a task may be handed to a pool whose processes are all busy (the
-        prefork look-ahead, ``Pool.capacity``). Not one acknowledged when dispatched
-        (``acks_late=False``): a cold shutdown would lose it unstarted. Not one with a
-        rate limit: its token is taken at dispatch, so queued ones would start back
-        to back, above the rate."""
+    def _pool_takes(self, decoded: DecodedTask) -> bool:
+        """Whether the pool takes this task now: a process is free, or the pool queues
+        it ahead (the prefork look-ahead, ``Pool.capacity``). Never ahead: one
+        acknowledged when dispatched (``acks_late=False``), which a cold shutdown
+        would lose unstarted, nor one with a rate limit, whose token is taken at
+        dispatch, so queued ones would start back to back, above the rate."""
+        assert self.pool is not None
+        held = len(self._inflight)
+        if held < self.pool.limit:
+            return True
+        if held >= self.pool.capacity:
+            return False
         task = self.app.tasks.get(decoded.name)
         return (
             task is not None
@@ -980,13 +981,7 @@ class Worker(BrokerLink):
     def _slot_bound(self) -> bool:
         """Work is reserved and the pool takes none of it now: what matters next is a
         task finishing."""
-        assert self.pool is not None
-        if not self._reserved:
-            return False
-        running = len(self._inflight)
-        if running >= self.pool.capacity:
-            return True
-        return running >= self.pool.limit and not self._may_wait_in_pool(self._reserved[0][1])
+        return bool(self._reserved) and not self._pool_takes(self._reserved[0][1])
 
     def _dispatch_one(self, message: Any, decoded: DecodedTask) -> None:
         assert self.pool is not None
@@ -1025,20 +1020,29 @@ class Worker(BrokerLink):
             item = self._completed.get(timeout=timeout)
         except queue_module.Empty:
             return
-        with self._batched_acks():
-            self._complete(*item)
-            self._complete_finished()
+        self._complete_batch(item)
 
     def _complete_finished(self, cold_shutdown: bool = False) -> None:
+        try:
+            item = self._completed.get_nowait()
+        except queue_module.Empty:  # most turns: nothing finished
+            return
+        self._complete_batch(item, cold_shutdown)
+
+    def _complete_batch(self, item: Any, cold_shutdown: bool = False) -> None:
+        """Settle ``item`` and every completion queued behind it, their
+        acknowledgements in one batch where the transport batches."""
         with self._batched_acks():
-            while True:
+            while item is not None:
+                tag, outcome, error = item
+                # On a cold shutdown, a task stopped by us goes back when the channel
+                # closes, uncounted; one that never started is settled as usual.
+                if not cold_shutdown or error is None or isinstance(error, NotStarted):
+                    self._complete(tag, outcome, error)
                 try:
-                    tag, outcome, error = self._completed.get_nowait()
+                    item = self._completed.get_nowait()
                 except queue_module.Empty:
-                    return
-                if cold_shutdown and error is not None and not isinstance(error, NotStarted):
-                    continue  # stopped by us: closing the channel returns it, not counted
-                self._complete(tag, outcome, error)
+                    item = None
 
     def _batched_acks(self) -> Any:
         """The channel's ``batched_acks()`` where the transport has one (Redis: the
